@@ -242,6 +242,8 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError(f"generic.{order}.blur: kernel_types and kernel_probs differ in length")
     if recipe.generic.scale < 1:
         raise RecipeError("generic.scale must be >= 1")
+    if recipe.generic.scale > 1 and not recipe.generic.final.resize_back:
+        raise RecipeError("generic.final.resize_back must be true when generic.scale > 1 (LQ and HQ share a size)")
     return recipe
 
 

@@ -1,0 +1,88 @@
+"""``haodiff-data inspect``: what a person looks at before training on a shard set."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from haodiff_data.shards.reader import expand_shards, iter_samples  # noqa: E402
+from haodiff_data.shards.schema import Sample  # noqa: E402
+from haodiff_data.synth import parameter_table, read_metas  # noqa: E402
+
+TILE = 192
+COLUMNS = ("HQ", "LQ", "HMB mask over LQ", "residual (x4 + 128)")
+
+
+def _tiles(sample: Sample) -> list[np.ndarray]:
+    lq = sample.lq
+    overlay = lq.copy()
+    red = np.zeros_like(lq)
+    red[..., 0] = 255
+    m = sample.mask > 0
+    overlay[m] = (0.5 * lq[m] + 0.5 * red[m]).astype(np.uint8)
+    residual = np.clip(sample.residual.astype(np.int32) * 4 + 128, 0, 255).astype(np.uint8)
+    return [cv2.resize(t, (TILE, TILE), interpolation=cv2.INTER_AREA) for t in (sample.hq, lq, overlay, residual)]
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    tile = tile.copy()
+    cv2.putText(tile, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(tile, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def contact_sheet(samples: list[Sample]) -> np.ndarray:
+    """Rows of HQ | LQ | mask over LQ | residual, each row labelled with key and first order."""
+    header = np.full((24, TILE * 4, 3), 255, np.uint8)
+    for c, name in enumerate(COLUMNS):
+        cv2.putText(header, name, (c * TILE + 4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    rows = [header]
+    for s in samples:
+        tiles = _tiles(s)
+        hmb = s.meta.get("hmb") or {}
+        tiles[0] = _label(tiles[0], s.key)
+        tiles[1] = _label(tiles[1], f"{s.meta['first_order']} {hmb.get('group', '')}".strip())
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def parameter_plots(table: dict[str, list], path: Path) -> None:
+    names = [n for n, v in table.items() if v]
+    cols = 3
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        values = table[name]
+        if isinstance(values[0], str):
+            counts = Counter(values)
+            keys = sorted(counts)
+            ax.bar(range(len(keys)), [counts[k] for k in keys])
+            ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=7)
+        else:
+            ax.hist(values, bins=20)
+        ax.set_title(f"{name} (n={len(values)})", fontsize=9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def inspect_shards(shards: list[str], out: Path | None, max_samples: int) -> list[Path]:
+    paths = expand_shards(shards)
+    out = out or paths[0].parent
+    out.mkdir(parents=True, exist_ok=True)
+    samples = list(islice(iter_samples(paths), max_samples))
+    sheet_path = out / "contact_sheet.png"
+    cv2.imwrite(str(sheet_path), cv2.cvtColor(contact_sheet(samples), cv2.COLOR_RGB2BGR))
+    plots_path = out / "parameters.png"
+    parameter_plots(parameter_table(read_metas(paths)), plots_path)
+    return [sheet_path, plots_path]

@@ -1,0 +1,132 @@
+"""The Goliath-28 body-part classes and their mapping to HAODiff's six motion-blur groups.
+
+Every segmenter returns uint8 label maps in these ids (``reference/data_spec.md`` C.2); the HMB
+step draws its moving part from :func:`group_masks`. Left/right are the person's own side.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+CLASSES: tuple[str, ...] = (
+    "Background",
+    "Apparel",
+    "Face_Neck",
+    "Hair",
+    "Left_Foot",
+    "Left_Hand",
+    "Left_Lower_Arm",
+    "Left_Lower_Leg",
+    "Left_Shoe",
+    "Left_Sock",
+    "Left_Upper_Arm",
+    "Left_Upper_Leg",
+    "Lower_Clothing",
+    "Right_Foot",
+    "Right_Hand",
+    "Right_Lower_Arm",
+    "Right_Lower_Leg",
+    "Right_Shoe",
+    "Right_Sock",
+    "Right_Upper_Arm",
+    "Right_Upper_Leg",
+    "Torso",
+    "Upper_Clothing",
+    "Lower_Lip",
+    "Upper_Lip",
+    "Lower_Teeth",
+    "Upper_Teeth",
+    "Tongue",
+)
+NUM_CLASSES = len(CLASSES)
+CLASS_ID: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
+
+GROUPS: tuple[str, ...] = (
+    "head",
+    "left_upper_limb",
+    "right_upper_limb",
+    "left_lower_limb",
+    "right_lower_limb",
+    "whole_body",
+)
+
+# data_spec C.5. whole_body is every id 1-27 and is computed as labels > 0.
+GROUP_CLASSES: dict[str, tuple[int, ...]] = {
+    "head": (2, 3, 23, 24, 25, 26, 27),
+    "left_upper_limb": (10, 6, 5),
+    "right_upper_limb": (19, 15, 14),
+    "left_lower_limb": (11, 7, 4, 9, 8),
+    "right_lower_limb": (20, 16, 13, 18, 17),
+    "whole_body": tuple(range(1, NUM_CLASSES)),
+}
+LIMB_GROUPS: tuple[str, ...] = GROUPS[1:5]
+CLOTHING: tuple[int, ...] = (1, 12, 22)  # Apparel, Lower_Clothing, Upper_Clothing: no side
+
+
+def check_labels(labels: np.ndarray, what: str = "labels") -> None:
+    """Raise ValueError unless ``labels`` is a 2-D uint8 map of ids 0-27."""
+    if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype != np.uint8:
+        desc = f"{labels.dtype} array of shape {labels.shape}" if isinstance(labels, np.ndarray) else type(labels)
+        raise ValueError(f"{what}: expected a 2-D uint8 Goliath label map, got {desc}")
+    top = int(labels.max(initial=0))
+    if top >= NUM_CLASSES:
+        raise ValueError(f"{what}: id {top} is not a Goliath-28 class (ids are 0-{NUM_CLASSES - 1})")
+
+
+def _clothing_to_limbs(labels: np.ndarray, limbs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Clothing pixels that belong to each limb (sleeves, trouser legs).
+
+    Goliath labels a sleeve or trouser leg as clothing with no side, so a clothed limb would be
+    mostly missing from its group. Rule: a clothing pixel joins the limb whose skin is nearest,
+    if that distance is at most the limb's width. The width is twice the largest distance from
+    a skin pixel to the skin's edge (the diameter of the thickest inscribed disc), so a sleeve
+    joins its arm up to about one arm-thickness away, while the shirt over the chest, further
+    from the arm, does not. Taking only the nearest limb keeps trousers between two legs from
+    joining both.
+    """
+    clothing = np.isin(labels, CLOTHING)
+    if not clothing.any():
+        return {}
+    names, dists = [], []
+    for name, skin in limbs.items():
+        skin_u8 = skin.astype(np.uint8)
+        inside = cv2.distanceTransform(skin_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        width = 2.0 * float(inside.max())
+        # Distance of every pixel to the nearest skin pixel of this limb.
+        to_skin = cv2.distanceTransform(1 - skin_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        to_skin[to_skin > width] = np.inf
+        names.append(name)
+        dists.append(to_skin)
+    stack = np.stack(dists)
+    nearest = np.argmin(stack, axis=0)
+    reachable = np.isfinite(np.min(stack, axis=0)) & clothing
+    return {name: reachable & (nearest == k) for k, name in enumerate(names)}
+
+
+def group_masks(labels: np.ndarray, min_fraction: float) -> dict[str, np.ndarray]:
+    """Bool HxW masks of the non-empty HMB groups of a Goliath label map, in GROUPS order.
+
+    A group is kept when its area is at least ``min_fraction`` of the image. Limb groups also
+    take the clothing next to them (see ``_clothing_to_limbs``).
+    """
+    check_labels(labels)
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction: expected a value in [0, 1], got {min_fraction}")
+    masks = {name: np.isin(labels, GROUP_CLASSES[name]) for name in GROUPS[:-1]}
+    masks["whole_body"] = labels > 0
+    limbs = {name: masks[name] for name in LIMB_GROUPS if masks[name].any()}
+    for name, extra in _clothing_to_limbs(labels, limbs).items():
+        masks[name] |= extra
+    min_area = min_fraction * labels.size
+    return {name: m for name, m in masks.items() if m.any() and m.sum() >= min_area}
+
+
+def person_box(labels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` (exclusive) bounding all labelled pixels, or None when there are none."""
+    fg = labels > 0
+    cols = np.flatnonzero(fg.any(axis=0))
+    if cols.size == 0:
+        return None
+    rows = np.flatnonzero(fg.any(axis=1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
