@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from haodiff_data.degrade import hmb
-from haodiff_data.degrade.hmb import apply_hmb, bench_hmb, draw_hmb, motion_psf, weight_map
+from haodiff_data.degrade.hmb import apply_hmb, draw_hmb, motion_psf, weight_map
 from haodiff_data.recipe import HMBConfig
 
 SIZE = 160
@@ -53,7 +53,7 @@ def test_draw_records_every_value_and_round_trips_json():
 def test_motion_psf_rebuilds_from_params_alone():
     params = _params(3)
     psf = motion_psf(params)
-    hmb._psf_and_info.cache_clear()
+    hmb.clear_psf_cache()
     again = motion_psf(json.loads(json.dumps(params)))
     assert np.array_equal(psf, again)
     assert math.isclose(psf.sum(), 1.0, rel_tol=1e-12)
@@ -163,7 +163,7 @@ def test_apply_is_deterministic_and_replays_from_json():
     part = _disc(90, 70, 35)
     params = draw_hmb(np.random.default_rng(11), HMBConfig(), ["head"])
     out1, w1 = apply_hmb(img, part, params)
-    hmb._psf_and_info.cache_clear()
+    hmb.clear_psf_cache()
     out2, w2 = apply_hmb(img, part, json.loads(json.dumps(params)))
     assert out1.tobytes() == out2.tobytes() and w1.tobytes() == w2.tobytes()
 
@@ -186,9 +186,3 @@ def test_bad_inputs_raise_clear_errors():
         weight_map(part, _params(dilate_ksize=10))
     with pytest.raises(ValueError, match="missing key 'psf_seed'"):
         motion_psf({})
-
-
-def test_bench_reports_every_stage():
-    result = bench_hmb(1, 0)
-    assert set(result) == {"traj_psf_ms", "weight_ms", "blur_ms", "blend_ms", "total_ms", "total_body_ms"}
-    assert all(v > 0 for v in result.values())

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import cv2
 import numpy as np
 import scipy.fft
 
-from haodiff_data.degrade.trajectory import exposure_weights, markov_trajectory, trajectory_extent, trajectory_psf
+from haodiff_data.degrade.trajectory import (
+    exposure_weights,
+    markov_trajectory,
+    trajectory_extent,
+    trajectory_psf,
+)
 from haodiff_data.recipe import HMBConfig
 from haodiff_data.rng import child_seed
 
@@ -78,13 +82,16 @@ def motion_psf(params: dict) -> np.ndarray:
 def apply_hmb(img: np.ndarray, part_mask: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """Blend a motion-blurred copy of ``img`` (float32 HxWx3 in [0, 1]) into the part.
 
-    Returns (I_HMB, W), both float32; pixels where W == 0 are returned bit-identical. The caller derives M_HMB = W >= threshold.
+    Returns (I_HMB, W), both float32; pixels where W == 0 are returned bit-identical. The caller
+    derives M_HMB = W >= threshold.
     """
     if not (isinstance(img, np.ndarray) and img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3):
         got = f"{getattr(img, 'dtype', type(img).__name__)} {np.shape(img)}"
         raise ValueError(f"apply_hmb: img must be a float32 HxWx3 array in [0, 1], got {got}")
     if np.shape(part_mask) != img.shape[:2]:
-        raise ValueError(f"apply_hmb: part_mask shape {np.shape(part_mask)} differs from image {img.shape[:2]}")
+        raise ValueError(
+            f"apply_hmb: part_mask shape {np.shape(part_mask)} differs from image {img.shape[:2]}"
+        )
     weights, box = _weights_and_box(part_mask, params)
     if box is None:
         return img.copy(), weights
@@ -92,50 +99,16 @@ def apply_hmb(img: np.ndarray, part_mask: np.ndarray, params: dict) -> tuple[np.
     return _blend(img, weights, box, _blur_box(img, box, psf)), weights
 
 
-def bench_hmb(n: int, seed: int) -> dict:
-    """Mean ms per stage of draw + apply at 512x512 on one core, for a limb-sized and a body-sized mask."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        rng = np.random.default_rng(seed)
-        img = _bench_image(rng)
-        limb = np.zeros((512, 512), np.uint8)
-        cv2.ellipse(limb, (260, 250), (35, 120), 30, 0, 360, 1, -1)
-        body = np.zeros((512, 512), np.uint8)
-        cv2.ellipse(body, (256, 300), (110, 200), 0, 0, 360, 1, -1)
-        cv2.circle(body, (256, 80), 55, 1, -1)
-        cfg = HMBConfig()
-        names = ("traj_psf_ms", "weight_ms", "blur_ms", "blend_ms", "total_ms", "total_body_ms")
-        stages: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(n):
-            for name, mask in (("total_ms", limb.astype(bool)), ("total_body_ms", body.astype(bool))):
-                _psf_and_info.cache_clear()
-                t0 = time.perf_counter()
-                params = draw_hmb(rng, cfg, ["left_upper_limb"])
-                t1 = time.perf_counter()
-                apply_hmb(img, mask, params)
-                t2 = time.perf_counter()
-                stages[name].append(t2 - t0)
-                if name == "total_ms":
-                    stages["traj_psf_ms"].append(t1 - t0)
-                    t3 = time.perf_counter()
-                    weights, box = _weights_and_box(mask, params)
-                    t4 = time.perf_counter()
-                    blurred = _blur_box(img, box, motion_psf(params))
-                    t5 = time.perf_counter()
-                    _blend(img, weights, box, blurred)
-                    t6 = time.perf_counter()
-                    stages["weight_ms"].append(t4 - t3)
-                    stages["blur_ms"].append(t5 - t4)
-                    stages["blend_ms"].append(t6 - t5)
-        return {k: round(1e3 * float(np.mean(v)), 3) for k, v in stages.items()}
-    finally:
-        cv2.setNumThreads(threads)
+def clear_psf_cache() -> None:
+    """Forget cached PSFs (benchmarks time the trajectory and splat from scratch)."""
+    _psf_and_info.cache_clear()
 
 
 def _draw_group(rng: np.random.Generator, cfg: HMBConfig, available_groups: list[str]) -> str:
     if not available_groups:
-        raise ValueError("draw_hmb: no body-part group is available (empty available_groups); HMB needs a person")
+        raise ValueError(
+            "draw_hmb: no body-part group is available (empty available_groups); HMB needs a person"
+        )
     if len(cfg.groups) != len(cfg.group_weights):
         raise ValueError("hmb.groups and hmb.group_weights must have the same length")
     weight_of = dict(zip(cfg.groups, cfg.group_weights))
@@ -276,11 +249,3 @@ def _blend(img: np.ndarray, weights: np.ndarray, box: Box, blurred: np.ndarray) 
     out = img.copy()
     out[y0:y1, x0:x1] = (1.0 - w) * img[y0:y1, x0:x1] + w * blurred
     return out
-
-
-def _bench_image(rng: np.random.Generator) -> np.ndarray:
-    """A textured 512x512 float32 image: smoothed noise plus stripes, so blur has work to do."""
-    noise = cv2.GaussianBlur(rng.random((512, 512, 3), dtype=np.float32), (0, 0), 1.5)
-    yy, xx = np.mgrid[0:512, 0:512]
-    stripes = 0.5 + 0.5 * np.sin((xx + 0.5 * yy) / 3.0)
-    return np.clip(0.6 * noise + 0.4 * stripes[..., None], 0.0, 1.0).astype(np.float32)

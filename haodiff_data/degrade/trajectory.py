@@ -99,7 +99,7 @@ def trajectory_psf(traj: np.ndarray, canvas: int, fraction: float) -> np.ndarray
         raise ValueError(f"trajectory_psf: fraction must be in (0, 1], got {fraction}")
     traj = np.asarray(traj, dtype=np.complex128)
     if traj.ndim != 1 or traj.size < 2:
-        raise ValueError(f"trajectory_psf: expected a 1-D trajectory of >= 2 points, got shape {traj.shape}")
+        raise ValueError(f"trajectory_psf: expected a 1-D trajectory of >= 2 points, got {traj.shape}")
     weights = exposure_weights(traj.size, fraction)
     keep = weights > 0
     pts, w = traj[keep], weights[keep]
@@ -117,7 +117,8 @@ def trajectory_psf(traj: np.ndarray, canvas: int, fraction: float) -> np.ndarray
         )
     fc, fr = col - c0, row - r0
     c0, r0 = c0.astype(np.int64), r0.astype(np.int64)
-    index = np.concatenate([r0 * canvas + c0, r0 * canvas + c0 + 1, (r0 + 1) * canvas + c0, (r0 + 1) * canvas + c0 + 1])
+    top, bottom = r0 * canvas + c0, (r0 + 1) * canvas + c0
+    index = np.concatenate([top, top + 1, bottom, bottom + 1])
     mass = np.concatenate([w * (1 - fr) * (1 - fc), w * (1 - fr) * fc, w * fr * (1 - fc), w * fr * fc])
     psf = np.bincount(index, weights=mass, minlength=canvas * canvas).reshape(canvas, canvas)
     return psf / psf.sum()

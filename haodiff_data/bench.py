@@ -1,0 +1,140 @@
+"""``haodiff-data bench``: ms per stage at 512x512 on one core, and end-to-end samples/s.
+
+Stages are timed on the bundled photos with the real code paths. ``degrade_ms_per_sample`` is one
+HMB (trajectory, PSF, blur, blend) plus one full two-order generic degradation with its final
+stage, the same work as the per-sample public route it is compared against in the README.
+"""
+
+from __future__ import annotations
+
+import io
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import webdataset as wds
+
+from haodiff_data.degrade import hmb as hmb_module
+from haodiff_data.degrade.generic import apply_final, apply_order, draw_final, draw_order
+from haodiff_data.intake.crop import apply_crop, plan_crop, resize_to, working_size
+from haodiff_data.intake.decode import decode_image
+from haodiff_data.intake.sources import ASSETS_DIR, embedded_sources
+from haodiff_data.recipe import Recipe
+from haodiff_data.segment import make_segmenter
+from haodiff_data.segment.goliath import group_masks
+from haodiff_data.shards.schema import encode_sample
+from haodiff_data.synth import SynthConfig, default_workers, synth
+
+
+def _mean_ms(fn: Callable[[int], Any], n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return 1000 * (time.perf_counter() - t0) / n
+
+
+def stage_timings(recipe: Recipe, n: int, seed: int) -> dict[str, float]:
+    """Mean ms per stage over ``n`` runs, single-threaded, on 512x512 crops."""
+    cv2.setNumThreads(1)
+    size = recipe.crop.size
+    data = (ASSETS_DIR / "bus.jpg").read_bytes()
+    rng = np.random.default_rng(seed)
+
+    def intake(_: int) -> np.ndarray:
+        rgb = decode_image(data, recipe.intake.min_side, recipe.intake.max_pixels)
+        work = resize_to(rgb, working_size(*rgb.shape[:2], recipe.crop))
+        return apply_crop(work, plan_crop(work.shape[:2], recipe.crop, rng)["box"])
+
+    hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    hq = cv2.resize(hq, (size, size), interpolation=cv2.INTER_AREA) if hq.shape[0] != size else hq
+    segmenter = make_segmenter("mediapipe")
+    parts = segmenter.segment([hq])[0]  # also warms MediaPipe up
+    groups = group_masks(parts, recipe.hmb.min_group_fraction)
+    if not groups:
+        raise RuntimeError("bench: the segmenter found no person in the bundled astronaut photo")
+    img = hq.astype(np.float32) / 255
+    draws = [hmb_module.draw_hmb(rng, recipe.hmb, list(groups)) for _ in range(n)]
+    shape = hq.shape[:2]
+    scale = recipe.generic.scale
+
+    def trajectory_psf(i: int) -> None:
+        hmb_module.clear_psf_cache()
+        hmb_module.motion_psf(draws[i])
+
+    def hmb_blur(i: int) -> None:
+        hmb_module.apply_hmb(img, groups[draws[i]["group"]], draws[i])
+
+    def generic(_: int) -> np.ndarray:
+        out = apply_order(img, draw_order(rng, recipe.generic.first, shape, scale, second=False))
+        out = apply_order(out, draw_order(rng, recipe.generic.second, shape, scale, second=True))
+        return apply_final(out, draw_final(rng, recipe.generic.final, shape, scale))
+
+    lq = generic(0)
+    mask = np.zeros(shape, np.uint8)
+
+    def encode_write(i: int) -> None:
+        sample = encode_sample(f"s{i:09d}", hq, lq, mask, parts, {"bench": i}, recipe.shards.png_compression)
+        with wds.TarWriter(io.BytesIO(), encoder=False, mtime=0) as tar:
+            tar.write(sample)
+
+    timings = {
+        "intake": _mean_ms(intake, n),
+        "segmentation": _mean_ms(lambda _: segmenter.segment([hq]), n),
+        "trajectory_psf": _mean_ms(trajectory_psf, n),
+        "hmb_blur": _mean_ms(hmb_blur, n),
+        "generic": _mean_ms(generic, n),
+        "encode_write": _mean_ms(encode_write, n),
+    }
+    segmenter.close()
+    return {k: round(v, 2) for k, v in timings.items()}
+
+
+def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int) -> dict[str, Any]:
+    """A real ``synth`` run on the bundled photos into a temporary folder."""
+    sources = embedded_sources()
+    per_image = -(-samples // len(sources))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = SynthConfig(inputs=[s.path for s in sources], out=Path(tmp), recipe=recipe, seed=seed,
+                          samples_per_image=per_image, limit=samples, workers=workers, progress=False)
+        summary = synth(cfg)
+    inv = summary["this_invocation"]
+    # ru_maxrss of finished children is their peak; in-process runs report ours.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if workers > 1 else resource.RUSAGE_SELF)
+    return {
+        "samples": summary["samples_written"],
+        "workers": workers,
+        "wall_s": inv["wall_s"],
+        "samples_per_s": inv["samples_per_s"],
+        "peak_worker_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "stage_ms_per_sample_in_run": inv["stage_ms_per_sample"],
+    }
+
+
+def run_bench(recipe: Recipe, n: int, workers: int | None, e2e_samples: int, seed: int) -> dict[str, Any]:
+    stages = stage_timings(recipe, n, seed)
+    result: dict[str, Any] = {
+        "image_size": recipe.crop.size,
+        "stage_ms_one_core": stages,
+        "degrade_ms_per_sample": round(stages["trajectory_psf"] + stages["hmb_blur"] + stages["generic"], 2),
+    }
+    if e2e_samples:
+        result["end_to_end"] = end_to_end(recipe, e2e_samples, workers or default_workers(), seed)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"stage (one core, {result['image_size']}x{result['image_size']})     ms"]
+    lines += [f"  {name:<28}{ms:>8.2f}" for name, ms in result["stage_ms_one_core"].items()]
+    lines.append(f"  {'degrade (HMB + generic)':<28}{result['degrade_ms_per_sample']:>8.2f}")
+    e2e = result.get("end_to_end")
+    if e2e:
+        lines.append(
+            f"end to end: {e2e['samples']} samples with {e2e['workers']} workers in {e2e['wall_s']} s = "
+            f"{e2e['samples_per_s']} samples/s; peak worker RSS {e2e['peak_worker_rss_mib']} MiB"
+        )
+    return "\n".join(lines)

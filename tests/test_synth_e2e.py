@@ -1,0 +1,179 @@
+"""The CLI end to end on the bundled photos: real MediaPipe, real degradations, real shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+
+from haodiff_data.cli import main
+from haodiff_data.intake.sources import ASSETS_DIR
+
+BASE = ["--no-progress", "--samples-per-shard", "2"]
+
+
+def synth(out: Path, *extra: str) -> int:
+    return main(["synth", "--out", str(out), *BASE, *extra])
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def samples_by_key(folder: Path) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                out.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    assert synth(out, "-k", "2", "--limit", "6", "--workers", "1", "--seed", "7") == 0
+    return out
+
+
+def test_shards_read_back_with_plain_webdataset(reference_run):
+    paths = sorted(str(p) for p in reference_run.glob("*.tar"))
+    assert [Path(p).name for p in paths] == [f"haodiff-r000-{i:06d}.tar" for i in range(3)]
+    samples = list(wds.WebDataset(paths, shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in samples] == [f"s{i:09d}" for i in range(6)]
+    for s in samples:
+        hq, lq = s["hq.png"], s["lq.png"]
+        assert hq.shape == lq.shape == (512, 512, 3) and hq.dtype == np.uint8
+        residual = s["residual.npy.gz"]  # webdataset's own .gz then .npy handlers
+        assert residual.dtype == np.int16
+        np.testing.assert_array_equal(residual, lq.astype(np.int16) - hq.astype(np.int16))
+        meta = s["json"]
+        assert meta["schema"] == 1 and meta["seed"] == 7 and meta["key"] == s["__key__"]
+        assert meta["segmenter"]["name"] == "mediapipe"
+        assert meta["first_order"] in ("none", "hmb", "generic")
+        assert meta["source"]["sha256"] and len(meta["source"]["crop"]["box"]) == 4
+    summary = json.loads((reference_run / "summary-r000.json").read_text())
+    assert summary["samples_written"] == 6 and summary["samples_rejected"] == 0
+    assert sum(summary["parameters"]["first_order"].values()) == 6
+
+
+def test_mask_is_hmb_weight_region_only_for_hmb(reference_run):
+    for members in samples_by_key(reference_run).values():
+        meta = json.loads(members["json"])
+        mask = cv2.imdecode(np.frombuffer(members["mask.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}
+        if meta["first_order"] != "hmb":
+            assert not mask.any()
+
+
+def test_worker_count_does_not_change_bytes(reference_run, tmp_path):
+    assert synth(tmp_path, "-k", "2", "--limit", "6", "--workers", "2", "--seed", "7") == 0
+    assert shard_bytes(tmp_path) == shard_bytes(reference_run)
+
+
+def test_node_partitions_together_equal_single_node(reference_run, tmp_path):
+    for rank in (0, 1):
+        args = ["-k", "2", "--limit", "6", "--workers", "1", "--seed", "7", "--num-nodes", "2", "--node-rank", str(rank)]
+        assert synth(tmp_path, *args) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.tar"))
+    assert any("-r000-" in n for n in names) and any("-r001-" in n for n in names)
+    assert samples_by_key(tmp_path) == samples_by_key(reference_run)
+
+
+def test_replay_reproduces_every_sample(reference_run, capsys):
+    for key in samples_by_key(reference_run):
+        assert main(["replay", str(reference_run), "--key", key]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["checks"]["lq"] == "identical"
+        assert report["checks"]["hq_from_source"] == "identical"
+        assert report["checks"]["params_from_seed"] == "identical"
+
+
+def test_replay_detects_a_tampered_sample(reference_run, tmp_path, capsys):
+    members = samples_by_key(reference_run)
+    key = next(iter(members))
+    meta = json.loads(members[key]["json"])
+    meta["final"]["jpeg_quality"] = 100 if meta["final"]["jpeg_quality"] != 100 else 99
+    members[key]["json"] = json.dumps(meta).encode()
+    with wds.TarWriter(str(tmp_path / "t.tar"), encoder=False) as tar:
+        tar.write({"__key__": key, **members[key]})
+    assert main(["replay", str(tmp_path / "t.tar"), "--key", key]) == 1
+    assert "DIFFERENT" in capsys.readouterr().out
+
+
+def test_degrade_same_seed_is_identical_other_seed_differs(reference_run, tmp_path):
+    same, other = tmp_path / "same", tmp_path / "other"
+    assert main(["degrade", str(reference_run), "--out", str(same), "--seed", "7", *BASE, "--workers", "2"]) == 0
+    assert shard_bytes(same) == shard_bytes(reference_run)
+    assert main(["degrade", str(reference_run), "--out", str(other), "--seed", "8", *BASE, "--workers", "1"]) == 0
+    a, b = samples_by_key(reference_run), samples_by_key(other)
+    assert a.keys() == b.keys()
+    assert all(a[k]["hq.png"] == b[k]["hq.png"] and a[k]["parts.png"] == b[k]["parts.png"] for k in a)
+    assert any(a[k]["lq.png"] != b[k]["lq.png"] for k in a)
+
+
+def test_inspect_writes_contact_sheet_and_plots(reference_run, tmp_path):
+    assert main(["inspect", str(reference_run), "--out", str(tmp_path), "--max-samples", "3"]) == 0
+    sheet = cv2.imread(str(tmp_path / "contact_sheet.png"))
+    assert sheet.shape[1] == 4 * 192 and sheet.shape[0] == 24 + 3 * 192
+    assert (tmp_path / "parameters.png").stat().st_size > 1000
+
+
+def test_existing_output_needs_resume_and_same_settings(reference_run):
+    assert synth(reference_run, "-k", "2", "--limit", "6", "--workers", "1", "--seed", "7") == 2
+    assert synth(reference_run, "-k", "2", "--limit", "6", "--workers", "1", "--seed", "8", "--resume") == 2
+    # A finished run resumed with the same settings has nothing left to do and changes nothing.
+    before = shard_bytes(reference_run)
+    assert synth(reference_run, "-k", "2", "--limit", "6", "--workers", "1", "--seed", "7", "--resume") == 0
+    assert shard_bytes(reference_run) == before
+
+
+def test_bad_inputs_are_rejected_with_reasons(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.png").write_bytes((ASSETS_DIR / "astronaut.png").read_bytes())
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.png").write_bytes(b"not an image at all")
+    (src / "truncated.jpg").write_bytes((ASSETS_DIR / "bus.jpg").read_bytes()[:5000])
+    cv2.imwrite(str(src / "tiny.png"), np.zeros((40, 40, 3), np.uint8))
+    out = tmp_path / "out"
+    assert synth(out, str(src), "--workers", "2") == 3
+    rejects = [json.loads(line) for line in (out / "rejects-r000.jsonl").read_text().splitlines()]
+    reasons = {Path(r["source"]).name: r["reason"] for r in rejects}
+    assert set(reasons) == {"empty.jpg", "text.png", "truncated.jpg", "tiny.png"}
+    assert reasons["empty.jpg"].startswith("empty file")
+    assert reasons["text.png"].startswith("not an image")
+    assert reasons["truncated.jpg"].startswith("corrupt or truncated")
+    assert reasons["tiny.png"].startswith("too small")
+    assert len(samples_by_key(out)) == 1
+    summary = json.loads((out / "summary-r000.json").read_text())
+    assert summary["samples_written"] == 1 and summary["samples_rejected"] == 4
+
+
+def test_kill_then_resume_gives_the_uninterrupted_shards(tmp_path):
+    args = ["-k", "3", "--limit", "9", "--workers", "1", "--seed", "3", "--no-progress", "--samples-per-shard", "1"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "haodiff_data.cli", "synth", "--out"]
+    proc = subprocess.Popen([*cmd, str(killed), *args], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(killed.glob("*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.glob("*.tar")))
+    assert 3 <= done_before < 9
+    assert subprocess.run([*cmd, str(killed), *args, "--resume"], stderr=subprocess.DEVNULL).returncode == 0
+    assert subprocess.run([*cmd, str(clean), *args], stderr=subprocess.DEVNULL).returncode == 0
+    assert len(shard_bytes(clean)) == 9
+    assert shard_bytes(killed) == shard_bytes(clean)
+    assert not list(killed.glob(".*.tmp"))
