@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 
 from haodiff_data.degrade import hmb as hmb_module
-from haodiff_data.degrade.generic import apply_final, apply_order, draw_final, draw_order
+from haodiff_data.degrade.generic import apply_final, apply_order, draw_final, draw_order, tune_malloc
 from haodiff_data.intake.crop import apply_crop, plan_crop, resize_to, working_size
 from haodiff_data.intake.decode import decode_image
 from haodiff_data.intake.sources import ASSETS_DIR, embedded_sources
@@ -41,6 +41,7 @@ def _mean_ms(fn: Callable[[int], Any], n: int) -> float:
 def stage_timings(recipe: Recipe, n: int, seed: int) -> dict[str, float]:
     """Mean ms per stage over ``n`` runs, single-threaded, on 512x512 crops."""
     cv2.setNumThreads(1)
+    tune_malloc()
     size = recipe.crop.size
     data = (ASSETS_DIR / "bus.jpg").read_bytes()
     rng = np.random.default_rng(seed)

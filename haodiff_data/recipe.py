@@ -159,7 +159,9 @@ class Recipe:
         return _to_plain(self)
 
     def sha256(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Hash of what shapes a sample: not the name, not how samples are grouped into shards."""
+        content = {k: v for k, v in self.to_dict().items() if k not in ("name", "shards")}
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from haodiff_data import __version__
+from haodiff_data.degrade.generic import tune_malloc
 from haodiff_data.degrade.pipeline import apply_degradation, draw_degradation
 from haodiff_data.intake.crop import apply_crop, plan_crop, resize_to, working_size
 from haodiff_data.intake.decode import RejectedInput, decode_image
@@ -119,6 +120,7 @@ def _init_worker(cfg: SynthConfig) -> None:
     # One thread per worker: parallelism comes from processes, and it keeps OpenCV's
     # results independent of thread scheduling.
     cv2.setNumThreads(1)
+    tune_malloc()
     _WORKER["cfg"] = cfg
     _WORKER["segmenter"] = None
 
@@ -177,8 +179,11 @@ def process_task(task: Task) -> TaskResult:
         if labels.shape != rgb.shape[:2]:
             return reject(f"label map {labels.shape} does not match image {rgb.shape[:2]}", indices)
         full_labels = resize_to(labels, work_hw, labels=True)
-    with timer("person_search"):
-        box = _find_person(work, full_labels) if recipe.crop.mode == "person" else None
+    # A working image the size of the crop leaves no choice of position: skip the search.
+    box = None
+    if recipe.crop.mode == "person" and max(work.shape[:2]) > recipe.crop.size:
+        with timer("person_search"):
+            box = _find_person(work, full_labels)
 
     plans = [plan_crop(work.shape[:2], recipe.crop, sample_rng(cfg.seed, i, CROP_STREAM), box) for i in indices]
     hqs = [apply_crop(work, p["box"]) for p in plans]
@@ -276,7 +281,8 @@ def ordered_map(fn, tasks: list, workers: int, initializer, initargs: tuple) -> 
         for task in tasks:
             yield fn(task)
         return
-    ctx = mp.get_context("fork")
+    # forkserver, not fork: a process forked after MediaPipe ran in its parent crashes.
+    ctx = mp.get_context("forkserver")
     with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
         yield from pool.imap(fn, tasks, chunksize=1)
 

@@ -44,6 +44,10 @@ def test_empty_and_tiny_groups_are_dropped():
     assert list(group_masks(labels, 0.005)) == ["head", "whole_body"]
     assert list(group_masks(labels, 0.001)) == ["head", "left_upper_limb", "whole_body"]
     assert list(group_masks(labels, 0.05)) == []
+    clothes_only = np.zeros((50, 50), np.uint8)
+    clothes_only[10:40, 10:40] = 22
+    clothes_only[10:20, 10:20] = 21
+    assert list(group_masks(clothes_only, 0.0)) == ["whole_body"]
 
 
 def test_sleeve_next_to_the_left_arm_joins_it_but_far_clothing_does_not():

@@ -166,12 +166,12 @@ def build_kernel(params: dict) -> np.ndarray:
     return k.astype(np.float32)
 
 
-# Relative costs per pixel of the three exact filter paths (fitted on one x86 core, 512x512x3
-# float32). Only the choice of path depends on them; each path is exact to FILTER_TOL.
-_SEP_COST = (0.35, 0.075)  # per separable term: a + b * (taps_x + taps_y)
-_DIRECT_COST = 0.027  # per tap of cv2.filter2D's direct path
-_DIRECT_MAX_TAPS = 121  # cv2.filter2D switches to its own (slower) DFT above ~130 taps
-_DFT_COST = 5.0
+# Costs in ms per 512x512x3 float32 image of the three exact filter paths (fitted on one x86
+# core). Only the choice of path depends on them; every path is exact to FILTER_TOL.
+_SEP_COST = (0.4, 0.065)  # per separable term: a + b * (taps_x + taps_y)
+_DIRECT_COST = (0.3, 0.035)  # cv2.filter2D skips zero taps: a + b * nonzero taps
+_DIRECT_MAX_TAPS = 121  # above ~130 taps cv2.filter2D switches to its own, slower, DFT
+_DFT_COST = 5.5  # times the padded DFT area over the image area
 
 
 def _trim(kernel: np.ndarray) -> np.ndarray:
@@ -183,6 +183,16 @@ def _trim(kernel: np.ndarray) -> np.ndarray:
         r -= 1
         a = a[1:-1, 1:-1]
     return kernel[c - r : c + r + 1, c - r : c + r + 1]
+
+
+def _sparsify(kernel: np.ndarray, budget: float) -> np.ndarray:
+    """Zero the smallest taps whose summed magnitude stays within ``budget``."""
+    a = np.abs(kernel.astype(np.float64)).reshape(-1)
+    order = np.argsort(a, kind="stable")
+    n_drop = int(np.searchsorted(np.cumsum(a[order]), budget, side="right"))
+    out = kernel.copy().reshape(-1)
+    out[order[:n_drop]] = 0
+    return out.reshape(kernel.shape)
 
 
 def _low_rank(kernel: np.ndarray, budget: float) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -199,6 +209,29 @@ def _low_rank(kernel: np.ndarray, budget: float) -> list[tuple[np.ndarray, np.nd
     return terms
 
 
+def _dft_area(shape: tuple[int, int], k: int) -> int:
+    return cv2.getOptimalDFTSize(shape[0] + k - 1) * cv2.getOptimalDFTSize(shape[1] + k - 1)
+
+
+def _plan(kernel: np.ndarray, shape: tuple[int, int]) -> tuple[str, object]:
+    """Cheapest exact path for correlating an image of ``shape`` (h, w) with ``kernel``."""
+    trimmed = _trim(kernel)
+    dropped = np.abs(kernel.astype(np.float64)).sum() - np.abs(trimmed.astype(np.float64)).sum()
+    budget = FILTER_TOL - float(dropped)
+    kt = trimmed.shape[0]
+    terms = _low_rank(trimmed, budget)
+    sparse = _sparsify(trimmed, budget)
+    costs = {
+        "sep": len(terms) * (_SEP_COST[0] + _SEP_COST[1] * 2 * kt),
+        "direct": _DIRECT_COST[0] + _DIRECT_COST[1] * np.count_nonzero(sparse)
+        if kt * kt <= _DIRECT_MAX_TAPS
+        else np.inf,
+        "dft": _DFT_COST * _dft_area(shape, kt) / (shape[0] * shape[1]),
+    }
+    path = min(costs, key=costs.get)
+    return path, {"sep": terms, "direct": sparse, "dft": trimmed}[path]
+
+
 def _filter_dft(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Correlation with reflect-101 borders through cv2.dft (linear, not circular)."""
     h, w = img.shape[:2]
@@ -209,48 +242,46 @@ def _filter_dft(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     kpad = np.zeros((nh, nw), np.float32)
     kpad[:k, :k] = kernel
     kspec = cv2.dft(kpad, nonzeroRows=k)
-    # Reflect-pad by r, then pad up to the DFT size; rows/cols past h + 2r never reach the output.
+    # Reflect-pad by r, then up to the DFT size: rows/cols past h + 2r never reach the output.
     padded = cv2.copyMakeBorder(img, r, nh - h - r, r, nw - w - r, cv2.BORDER_REFLECT_101)
-    channels = cv2.split(padded) if padded.ndim == 3 else [padded]
-    out = []
-    for ch in channels:
-        spec = cv2.mulSpectrums(cv2.dft(ch), kspec, 0, conjB=True)
-        res = cv2.dft(spec, flags=cv2.DFT_INVERSE | cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT, nonzeroRows=h)
-        out.append(res[:h, :w])
-    return cv2.merge(out) if img.ndim == 3 else out[0]
+    if padded.ndim == 2:
+        padded = padded[..., None]
+    # Reused buffers: fresh arrays of this size cost page faults that rival the transforms.
+    chan = np.empty((nh, nw), np.float32)
+    spec = np.empty_like(chan)
+    res = np.empty_like(chan)
+    out = np.empty((h, w, padded.shape[2]), np.float32)
+    for i in range(padded.shape[2]):
+        cv2.extractChannel(padded, i, chan)
+        cv2.dft(chan, spec)
+        cv2.mulSpectrums(spec, kspec, 0, spec, conjB=True)
+        cv2.dft(spec, res, flags=cv2.DFT_INVERSE | cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT)
+        out[..., i] = res[:h, :w]
+    return out if img.ndim == 3 else out[..., 0]
 
 
 def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Correlate an HWC (or HW) float32 image with an odd square kernel, reflect-101 borders.
 
-    Equals cv2.filter2D with the full kernel to within FILTER_TOL per pixel for images in [0, 1],
-    taking the cheapest of three exact paths: a low-rank separable decomposition (sepFilter2D),
-    cv2.filter2D on the trimmed kernel, or a DFT. The path depends only on the kernel and the
-    image shape, so equal inputs give equal bytes.
+    Equals cv2.filter2D with the full kernel to within FILTER_TOL per pixel for images in [0, 1].
+    It takes the cheapest of three paths, each exact to that tolerance: a low-rank separable
+    decomposition (cv2.sepFilter2D), cv2.filter2D's direct path on the trimmed kernel with
+    negligible taps zeroed, or a DFT. The path depends only on the kernel and the image shape,
+    so equal inputs give equal bytes.
     """
     if img.dtype != np.float32 or img.ndim not in (2, 3):
         raise ValueError(f"filter2d: expected a float32 HW or HWC image, got {img.dtype} {img.shape}")
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
         raise ValueError(f"filter2d: expected an odd square kernel, got shape {kernel.shape}")
-    kernel = np.ascontiguousarray(kernel, dtype=np.float32)
-    trimmed = _trim(kernel)
-    dropped = float(np.abs(kernel).sum() - np.abs(trimmed).sum())
-    kt = trimmed.shape[0]
-    terms = _low_rank(trimmed, FILTER_TOL - dropped)
-    costs = {
-        "sep": len(terms) * (_SEP_COST[0] + _SEP_COST[1] * 2 * kt),
-        "direct": _DIRECT_COST * kt * kt if kt * kt <= _DIRECT_MAX_TAPS else np.inf,
-        "dft": _DFT_COST,
-    }
-    path = min(costs, key=costs.get)
+    path, data = _plan(np.asarray(kernel, dtype=np.float32), img.shape[:2])
     img = np.ascontiguousarray(img)
     border = cv2.BORDER_REFLECT_101
     if path == "direct":
-        return cv2.filter2D(img, -1, trimmed, borderType=border)
+        return cv2.filter2D(img, -1, data, borderType=border)
     if path == "dft":
-        return _filter_dft(img, trimmed)
-    col, row = terms[0]
+        return _filter_dft(img, data)
+    col, row = data[0]
     out = cv2.sepFilter2D(img, -1, row, col, borderType=border)
-    for col, row in terms[1:]:
+    for col, row in data[1:]:
         out += cv2.sepFilter2D(img, -1, row, col, borderType=border)
     return out

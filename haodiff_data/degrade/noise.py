@@ -23,9 +23,6 @@ from haodiff_data.rng import child_seed
 
 NOISE_KINDS = ("gaussian", "poisson")
 
-# uint8 level -> level / 255 in float32, shared by quantisation round trips.
-LEVELS = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
-
 _GUIDE_BITS = 12
 _AMBIGUOUS = np.uint16(0x8000)
 
@@ -70,51 +67,82 @@ def add_noise(img: np.ndarray, params: dict) -> np.ndarray:
         raise ValueError(f"noise params: unknown kind {kind!r}, expected one of {NOISE_KINDS}")
     rng = np.random.default_rng(params["noise_seed"])
     h, w = img.shape[:2]
+    shape = (h, w, 1) if params["gray"] else (h, w, 3)
     if kind == "gaussian":
-        noise = rng.standard_normal((h, w, 1) if params["gray"] else (h, w, 3), dtype=np.float32)
-        noise *= np.float32(params["sigma"] / 255)
+        noise = gaussian_field(rng, h * w * shape[2], params["sigma"] / 255).reshape(shape)
     else:
         if params["gray"]:
-            source = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)[..., None]
+            source = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY).reshape(shape)
         else:
             source = img
         noise = _poisson_noise(rng, to_uint8(source), params["poisson_scale"])
-    if noise.shape == img.shape:
+    if params["gray"]:
+        out = img + noise
+    else:
         noise += img
         out = noise
-    else:
-        out = img + noise
     return np.clip(out, 0, 1, out=out)
 
 
+def gaussian_field(rng: np.random.Generator, n: int, std: float) -> np.ndarray:
+    """``n`` independent N(0, std^2) float32 values by the Box-Muller transform.
+
+    About 3x faster than ``Generator.standard_normal(dtype=float32)`` here: a uniform draw plus a
+    few vectorised log/sqrt/sin/cos. The 24-bit uniforms bound |z| by 5.8 std (the mass beyond is
+    8e-9), which is immaterial for 8-bit images.
+    """
+    half = (n + 1) // 2
+    u = rng.random(2 * half, dtype=np.float32)
+    radius, angle = u[:half], u[half:]
+    np.subtract(np.float32(1), radius, out=radius)  # (0, 1], so the log is finite
+    np.log(radius, out=radius)
+    radius *= np.float32(-2 * std * std)
+    np.sqrt(radius, out=radius)
+    angle *= np.float32(2 * np.pi)
+    cos = np.cos(angle)
+    np.sin(angle, out=angle)
+    angle *= radius
+    np.multiply(cos, radius, out=radius)
+    return u[:n]
+
+
 def _poisson_noise(rng: np.random.Generator, levels: np.ndarray, scale: float) -> np.ndarray:
-    """(Poisson(rate) / vals - level / 255) * scale with rate = level * vals / 255 (float32)."""
+    """(Poisson(rate) - rate) * scale / vals with rate = level * vals / 255, float32."""
     flat = levels.reshape(-1)
-    n_unique = int(np.count_nonzero(np.bincount(flat, minlength=256)))
-    vals = 1 << (n_unique - 1).bit_length()  # 2 ** ceil(log2(n_unique))
-    guide, cdf_rows, row_len = _poisson_tables(vals)
+    # calcHist counts in float32: counts saturate past 2^24 but never return to 0, so the number
+    # of distinct levels stays exact (and it is ~4x faster than np.bincount on uint8).
+    hist = cv2.calcHist([flat.reshape(1, -1)], [0], None, [256], [0, 256])
+    vals = 1 << (int(np.count_nonzero(hist)) - 1).bit_length()  # 2 ** ceil(log2(#levels))
+    guide, cdf, cdf_rows, row_len = _poisson_tables(vals)
     u = rng.integers(0, 2**32, size=flat.size, dtype=np.uint32)
     idx = flat.astype(np.uint32)
     idx <<= _GUIDE_BITS
     idx |= u >> (32 - _GUIDE_BITS)
-    k = guide[idx]
+    k = np.take(guide, idx)
     ambiguous = np.flatnonzero(k >= _AMBIGUOUS)
     k &= ~_AMBIGUOUS
     if ambiguous.size:
-        # Buckets that straddle a CDF step: finish with a binary search in the level's row.
-        lev = flat[ambiguous].astype(np.int64)
-        target = lev + u[ambiguous] * 2.0**-32
-        k[ambiguous] = np.searchsorted(cdf_rows, target, side="right") - lev * row_len
-    noise = k.astype(np.float32)
-    noise *= np.float32(1 / vals)
-    noise -= LEVELS[flat]
-    noise *= np.float32(scale)
+        # The bucket straddles a CDF step: step once (enough in the bulk of the distribution),
+        # then binary-search the level's row for the few left in multi-step tail buckets.
+        base = flat[ambiguous].astype(np.intp) * row_len
+        ua = u[ambiguous] * 2.0**-32
+        ka = k[ambiguous].astype(np.intp)
+        ka += ua >= cdf[base + ka]
+        more = np.flatnonzero(ua >= cdf[base + ka])
+        if more.size:
+            lev = flat[ambiguous[more]].astype(np.float64)
+            ka[more] = np.searchsorted(cdf_rows, lev + ua[more], side="right") - base[more]
+        k[ambiguous] = ka
+    # k * scale / vals - level * scale / 255 in one pass.
+    k, flat = k.reshape(1, -1), flat.reshape(1, -1)
+    noise = cv2.addWeighted(k, scale / vals, flat, -scale / 255, 0, dtype=cv2.CV_32F)
     return noise.reshape(levels.shape)
 
 
 @functools.lru_cache(maxsize=16)
-def _poisson_tables(vals: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Guide table, flattened row-offset CDFs (row l holds l + CDF_l) and the row length."""
+def _poisson_tables(vals: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Guide table, flattened CDFs, the same with row l offset by l (one sorted array for
+    np.searchsorted), and the row length."""
     rates = np.arange(256, dtype=np.float64) * (vals / 255)
     # Support far past the largest rate: the mass beyond it is far below 2^-32.
     kmax = int(np.ceil(vals + 14 * np.sqrt(vals) + 30))
@@ -131,4 +159,4 @@ def _poisson_tables(vals: int) -> tuple[np.ndarray, np.ndarray, int]:
         k_hi = np.searchsorted(cdf[level], hi, side="right")
         guide[level] = k_lo | np.where(k_hi != k_lo, _AMBIGUOUS, 0)
     cdf_rows = (np.arange(256, dtype=np.float64)[:, None] + cdf).reshape(-1)
-    return guide.reshape(-1), cdf_rows, kmax + 1
+    return guide.reshape(-1), cdf.reshape(-1), cdf_rows, kmax + 1

@@ -64,6 +64,16 @@ LIMB_GROUPS: tuple[str, ...] = GROUPS[1:5]
 CLOTHING: tuple[int, ...] = (1, 12, 22)  # Apparel, Lower_Clothing, Upper_Clothing: no side
 
 
+def _lookup(ids: tuple[int, ...]) -> np.ndarray:
+    table = np.zeros(256, bool)  # indexed by any uint8, so the lookup itself never fails
+    table[list(ids)] = True
+    return table
+
+
+_GROUP_TABLES = {name: _lookup(ids) for name, ids in GROUP_CLASSES.items()}
+_CLOTHING_TABLE = _lookup(CLOTHING)
+
+
 def check_labels(labels: np.ndarray, what: str = "labels") -> None:
     """Raise ValueError unless ``labels`` is a 2-D uint8 map of ids 0-27."""
     if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype != np.uint8:
@@ -85,23 +95,27 @@ def _clothing_to_limbs(labels: np.ndarray, limbs: dict[str, np.ndarray]) -> dict
     from the arm, does not. Taking only the nearest limb keeps trousers between two legs from
     joining both.
     """
-    clothing = np.isin(labels, CLOTHING)
-    if not clothing.any():
+    cloth = np.flatnonzero(_CLOTHING_TABLE[labels].ravel())
+    if cloth.size == 0 or not limbs:
         return {}
-    names, dists = [], []
-    for name, skin in limbs.items():
+    dists = []
+    for skin in limbs.values():
         skin_u8 = skin.astype(np.uint8)
-        inside = cv2.distanceTransform(skin_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        inside = cv2.distanceTransform(skin_u8, cv2.DIST_L2, cv2.DIST_MASK_5)
         width = 2.0 * float(inside.max())
-        # Distance of every pixel to the nearest skin pixel of this limb.
-        to_skin = cv2.distanceTransform(1 - skin_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        # Distance of every clothing pixel to the nearest skin pixel of this limb.
+        to_skin = cv2.distanceTransform(1 - skin_u8, cv2.DIST_L2, cv2.DIST_MASK_5).ravel()[cloth]
         to_skin[to_skin > width] = np.inf
-        names.append(name)
         dists.append(to_skin)
-    stack = np.stack(dists)
+    stack = np.stack(dists)  # (limbs, clothing pixels)
     nearest = np.argmin(stack, axis=0)
-    reachable = np.isfinite(np.min(stack, axis=0)) & clothing
-    return {name: reachable & (nearest == k) for k, name in enumerate(names)}
+    reachable = np.isfinite(np.min(stack, axis=0))
+    joined = {}
+    for k, name in enumerate(limbs):
+        mask = np.zeros(labels.size, bool)
+        mask[cloth[reachable & (nearest == k)]] = True
+        joined[name] = mask.reshape(labels.shape)
+    return joined
 
 
 def group_masks(labels: np.ndarray, min_fraction: float) -> dict[str, np.ndarray]:
@@ -113,7 +127,7 @@ def group_masks(labels: np.ndarray, min_fraction: float) -> dict[str, np.ndarray
     check_labels(labels)
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction: expected a value in [0, 1], got {min_fraction}")
-    masks = {name: np.isin(labels, GROUP_CLASSES[name]) for name in GROUPS[:-1]}
+    masks = {name: _GROUP_TABLES[name][labels] for name in GROUPS[:-1]}
     masks["whole_body"] = labels > 0
     limbs = {name: masks[name] for name in LIMB_GROUPS if masks[name].any()}
     for name, extra in _clothing_to_limbs(labels, limbs).items():

@@ -32,12 +32,12 @@ GRID_STEP = 2
 MAX_GAP = 0.5
 
 # MediaPipe Pose landmark indices.
-NOSE, L_EYE, R_EYE, L_EAR, R_EAR, MOUTH_L, MOUTH_R = 0, 2, 5, 7, 8, 9, 10
+L_EYE, R_EYE, L_EAR, R_EAR, MOUTH_L, MOUTH_R = 2, 5, 7, 8, 9, 10
 L_SHOULDER, R_SHOULDER, L_ELBOW, R_ELBOW, L_WRIST, R_WRIST = 11, 12, 13, 14, 15, 16
 L_PINKY, R_PINKY, L_INDEX, R_INDEX = 17, 18, 19, 20
 L_HIP, R_HIP, L_KNEE, R_KNEE, L_ANKLE, R_ANKLE = 23, 24, 25, 26, 27, 28
 L_HEEL, R_HEEL, L_TOE, R_TOE = 29, 30, 31, 32
-FACE = tuple(range(11))
+FACE = list(range(11))  # nose, eyes, ears, mouth corners
 
 FACE_NECK, TORSO = 2, 21
 # (first joint, second joint, Goliath id, radius as a fraction of the body scale). Radii are
@@ -172,11 +172,12 @@ def part_labels(landmarks: np.ndarray, mask: np.ndarray, grid_step: int = GRID_S
             tip = pose.xy[wrist] + HAND_REACH * (pose.mid(pinky, index) - pose.xy[wrist])
             add(label, _segment_sdf(xs, ys, pose.xy[wrist], tip) - HAND_RADIUS * scale)
 
-    face = [k for k in FACE if pose.visible[k]]
-    if face:
+    if pose.visible[FACE].any():
         # Head: a capsule along the face's up axis (mouth -> eyes). Its centre line sits between
         # the ears and the eyes so it covers the skull behind the face in profile views too;
         # reaching ~1.6 eye-mouth lengths above the eyes and 1.65 below them covers crown and chin.
+        # It is all Face_Neck: telling Hair (3) apart needs appearance, which landmarks lack (a
+        # guess would paint bald heads and hats as hair), and the HMB head group holds both ids.
         eyes, mouth = pose.mid(L_EYE, R_EYE), pose.mid(MOUTH_L, MOUTH_R)
         f = max(float(np.hypot(*(eyes - mouth))), 1e-6)
         up = (eyes - mouth) / f
@@ -199,7 +200,7 @@ def part_labels(landmarks: np.ndarray, mask: np.ndarray, grid_step: int = GRID_S
     stack = np.stack(sdfs)
     best = np.argmin(stack, axis=0)
     grid = np.asarray(ids, np.uint8)[best]
-    grid[np.take_along_axis(stack, best[None], axis=0)[0] > MAX_GAP * scale] = 0
+    grid[np.min(stack, axis=0) > MAX_GAP * scale] = 0
     y0, x0 = r0 * grid_step, c0 * grid_step
     full = np.repeat(np.repeat(grid, grid_step, axis=0), grid_step, axis=1)[: height - y0, : width - x0]
     window = labels[y0 : y0 + full.shape[0], x0 : x0 + full.shape[1]]
@@ -209,22 +210,30 @@ def part_labels(landmarks: np.ndarray, mask: np.ndarray, grid_step: int = GRID_S
 
 
 _POSES: dict[int, Any] = {}
+# Every process that ever built a Pose. MediaPipe cannot build a second graph in a process forked
+# from one that built a graph (even a closed one): the child corrupts its heap and dies or hangs.
+_BUILT_IN: set[int] = set()
 
 
 def _pose_for_this_process() -> Any:
-    """The process's Pose graph, created on first use.
-
-    Keyed by pid: a forked worker must not reuse its parent's graph (its threads did not survive
-    the fork), so it builds its own and leaves the inherited one alone.
-    """
+    """The process's Pose graph, created on first use (never at import, so workers forked from
+    a parent that only imported this module each build their own)."""
     pid = os.getpid()
     pose = _POSES.get(pid)
     if pose is None:
+        ancestors = _BUILT_IN - {pid}
+        if ancestors:
+            raise RuntimeError(
+                f"MediaPipe Pose was already used in process {min(ancestors)}, and this process "
+                f"({pid}) was forked from it; MediaPipe crashes in such a child. Use the segmenter only "
+                "in worker processes, or start workers with the 'spawn' or 'forkserver' method."
+            )
         from mediapipe.python.solutions import pose as mp_pose
 
         # model_complexity=1 is the landmark model bundled in the wheel; 0 and 2 try to download.
         pose = mp_pose.Pose(static_image_mode=True, enable_segmentation=True, model_complexity=1)
         _POSES[pid] = pose
+        _BUILT_IN.add(pid)
     return pose
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +52,11 @@ def _static_batch(program: Any) -> int | None:
 
 
 class SapiensSegmenter:
-    """Batched Sapiens inference; 512x512 crops are padded to 3:4, not stretched."""
+    """Batched Sapiens inference; 512x512 crops are padded to 3:4, not stretched.
+
+    Images of any sizes may share a batch. An exported program specialised to a fixed batch
+    size runs in chunks of exactly that size (the last one padded with zero images).
+    """
 
     name = "sapiens"
     per_source = False
@@ -72,17 +77,20 @@ class SapiensSegmenter:
         self.static_batch: int | None = None
         try:
             if is_torchscript(checkpoint):
-                self.model = torch.jit.load(checkpoint, map_location=self.device)
+                with warnings.catch_warnings():
+                    # Sapiens lite ships TorchScript; torch's deprecation notice is not actionable here.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self.model = torch.jit.load(checkpoint, map_location=self.device).eval()
                 self.dtype = torch.float32
             else:
                 program = torch.export.load(checkpoint)
                 self.static_batch = _static_batch(program)
                 # bf16 is how the lite exports are meant to run on GPUs; CPUs run them in fp32.
                 self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+                # Exported modules are already in inference form (and refuse .eval()).
                 self.model = program.module().to(self.device, self.dtype)
         except Exception as exc:
             raise ValueError(f"sapiens checkpoint {checkpoint}: cannot load it with torch: {exc}") from exc
-        self.model.eval()
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 
@@ -97,7 +105,7 @@ class SapiensSegmenter:
         height, width = image.shape[:2]
         ph, pw = padded_size(height, width)
         top, left = (ph - height) // 2, (pw - width) // 2
-        x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
         x = (x - self.mean) / self.std
         x = F.pad(x, (left, pw - width - left, top, ph - height - top), value=0.0)
         return F.interpolate(x, size=INPUT_HW, mode="bilinear", align_corners=False)

@@ -1,0 +1,1 @@
+"""haodiff_model: HAODiff networks (DPG, prompt embedders, restorer, discriminator), losses and trainers."""

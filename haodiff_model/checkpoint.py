@@ -1,0 +1,283 @@
+"""Checkpoint interchange with the official HAODiff release.
+
+`img_encoder_weights.pth` (stage 2) is a torch.save dict {model_state_dict, swinir_kwargs,
+performer_kwargs}, as the official `SwinIRWithDualPerformerAdapter.save` writes it. A stage-1
+DPG checkpoint is a plain state dict of the official multi-branch `SwinIR`, which the official
+adapter loads into its feature extractor by name.
+
+Loading never ignores a key silently: every key is loaded, or listed in the report as ignored
+with the reason (a by-design official extra: derived buffers, the performer-pytorch duplicate
+names, dead or training-only official modules), or reported as missing/unexpected, which raises
+`CheckpointMismatchError` naming the keys unless strict=False. Shape mismatches always raise.
+Official-layout saving writes the official key set, so the official code loads these files
+even with strict=True.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from haodiff_model.dpg import DPGConfig, DPGFeatureExtractor, DPGNetwork
+from haodiff_model.performer import Performer, add_official_duplicates
+from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig
+from haodiff_model.swin import SwinTransformerBlock, WindowAttention, relative_position_index
+
+IMG_ENCODER_FILE = "img_encoder_weights.pth"
+_WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "model_state_dict")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose keys or shapes do not match the model."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)  # key -> why it was not loaded
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.unexpected
+
+    def ignored_by_reason(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for key, reason in self.ignored.items():
+            out.setdefault(reason, []).append(key)
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {'ok' if self.ok else 'MISMATCH'}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        for reason, keys in self.ignored_by_reason().items():
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            lines.append(f"  ignored {len(keys)} ({reason}): {shown}")
+        return "\n".join(lines)
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def official_extra_keys(model: nn.Module, keys) -> dict[str, tuple[str, bool]]:
+    """Keys of official files that `model` does not hold: key -> (reason, dropped before loading).
+
+    Not dropped (the modules' load hooks consume them): derived Swin buffers and the
+    performer-pytorch duplicates.
+    """
+    rules: list[tuple[re.Pattern, str, bool, int]] = []  # pattern, reason, drop, first matching layer index
+    for name, m in model.named_modules():
+        p = re.escape(_prefix(name))
+        if isinstance(m, SwinTransformerBlock):
+            rules.append((re.compile(p + r"attn_mask$"), "shift mask, recomputed per token grid", False, 0))
+        elif isinstance(m, WindowAttention):
+            rules.append((re.compile(p + r"relative_position_index$"), "derived index, recomputed (checked)",
+                          False, 0))
+        elif isinstance(m, Performer):
+            rules.append((re.compile(p + r"proj_updater\.instance\."),
+                          "performer-pytorch duplicate of net.* (checked equal)", False, 0))
+        elif isinstance(m, DualPromptEncoder):
+            rules.append((re.compile(p + r"(embedding_changer[12]|fusion)\."),
+                          "official training-only SDXL-discriminator / text-fusion head, not a prompt-encoder part",
+                          True, 0))
+        if isinstance(m, DPGFeatureExtractor):
+            trunk = m.cfg.num_trunk_layers
+            rules.append((re.compile(p + r"layers\.(\d+)\."),
+                          f"dead official stage-1 RSTB (layers.{trunk}+), never used in its forward", True, trunk))
+            if not isinstance(m, DPGNetwork):
+                rules.append((re.compile(p + r"upsamplers\."), "stage-1 upsampler head, not part of the feature "
+                              "extractor", True, 0))
+    out = {}
+    for key in keys:
+        for pattern, reason, drop, first in rules:
+            match = pattern.match(key)
+            if match is None or (match.groups() and match.group(1).isdigit() and int(match.group(1)) < first):
+                continue
+            out[key] = (reason, drop)
+            break
+    return out
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                            source: str = "state dict") -> LoadReport:
+    """Load `state_dict` into `model` by name, reporting every key that is not loaded."""
+    sd = dict(state_dict)
+    report = LoadReport(source)
+    extras = official_extra_keys(model, sd)
+    for key, (reason, drop) in extras.items():
+        report.ignored[key] = reason
+        if drop:
+            del sd[key]
+    own = model.state_dict()
+    provided = set()
+    for key in sd:
+        if key in extras:
+            if "proj_updater.instance." in key:  # supplies its net.* twin when that is absent
+                provided.add(key.replace("proj_updater.instance.", "net.", 1))
+            continue
+        provided.add(key)
+    bad_shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(provided & set(own)) if k in sd and sd[k].shape != own[k].shape]
+    if bad_shapes:
+        raise CheckpointMismatchError(f"{source}: shape mismatch: " + "; ".join(bad_shapes))
+    report.missing = [k for k in own if k not in provided]
+    report.unexpected = sorted(provided - set(own))
+    if strict and not report.ok:
+        raise CheckpointMismatchError(str(report) + "\n(pass strict=False to load the matching keys anyway)")
+    result = model.load_state_dict(sd, strict=False)
+    if sorted(result.missing_keys) != sorted(report.missing) or sorted(result.unexpected_keys) != report.unexpected:
+        raise CheckpointMismatchError(f"{source}: load disagreed with the key check: missing {result.missing_keys}, "
+                                      f"unexpected {result.unexpected_keys}")
+    return report
+
+
+def _load_file(path: str | Path, weights_only: bool = True) -> Mapping:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name and the way out
+        raise CheckpointMismatchError(f"{path}: cannot be read with weights_only={weights_only} ({exc}); "
+                                      "for a trusted file pass weights_only=False") from exc
+
+
+def _strip_common_prefix(sd: dict[str, torch.Tensor], prefix: str, report: LoadReport) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        report.notes.append(f"stripped the '{prefix}' prefix of every key")
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def unwrap_dpg_state_dict(obj: Mapping, report: LoadReport, param_key: str | None = None) -> dict[str, torch.Tensor]:
+    """The DPG state dict inside a stage-1 file, a BasicSR-style wrapper or an img_encoder file."""
+    if param_key is not None:
+        if param_key not in obj:
+            raise CheckpointMismatchError(f"{report.source}: no '{param_key}' entry (has {sorted(obj)[:8]})")
+        obj = obj[param_key]
+        report.notes.append(f"took the '{param_key}' entry")
+    elif not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        wrappers = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        if len(wrappers) != 1:
+            raise CheckpointMismatchError(f"{report.source}: not a plain state dict; wrapper entries found: "
+                                          f"{wrappers or sorted(obj)[:8]}; choose one with param_key=")
+        obj = obj[wrappers[0]]
+        report.notes.append(f"took the '{wrappers[0]}' entry")
+    sd = {k: v for k, v in obj.items()}
+    sd = _strip_common_prefix(sd, "module.", report)
+    fe = {k[len("feature_extractor."):]: v for k, v in sd.items() if k.startswith("feature_extractor.")}
+    if fe:
+        others = len(sd) - len(fe)
+        report.notes.append(f"took the {len(fe)} feature_extractor.* entries" + (f", left {others} others" if others
+                                                                                  else ""))
+        sd = fe
+    return sd
+
+
+def load_dpg_weights(model: DPGFeatureExtractor, source: str | Path | Mapping, strict: bool = True,
+                     param_key: str | None = None, weights_only: bool = True) -> LoadReport:
+    """Load DPG weights (stage-1 file, its state dict, or an img_encoder file) into an extractor or network."""
+    if not isinstance(model, DPGFeatureExtractor):
+        raise TypeError(f"load_dpg_weights expects a DPGFeatureExtractor or DPGNetwork, got {type(model).__name__}")
+    name = str(source) if not isinstance(source, Mapping) else "DPG state dict"
+    obj = source if isinstance(source, Mapping) else _load_file(source, weights_only)
+    report = LoadReport(name)
+    sd = unwrap_dpg_state_dict(obj, report, param_key)
+    loaded = load_state_dict_checked(model, sd, strict, name)
+    loaded.notes = report.notes + loaded.notes
+    return loaded
+
+
+def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` plus the keys only the official modules have: performer-pytorch
+    duplicates, attn_mask / relative_position_index buffers, and the stage-1 network's dead
+    `layers.{n/2..}` (written as copies of branch 0, which the official code initialises them
+    equal to and never uses)."""
+    sd = add_official_duplicates(model, model.state_dict())
+    for name, m in model.named_modules():
+        if not isinstance(m, DPGFeatureExtractor):
+            continue
+        p = _prefix(name)
+        geom = m.geometry(m.cfg.grid, m.cfg.grid, torch.device("cpu"))
+        for sub, block in m.named_modules():
+            if isinstance(block, SwinTransformerBlock) and block.shift:
+                sd[f"{p}{sub}.attn_mask"] = geom.shift_mask.clone()
+            elif isinstance(block, WindowAttention):
+                sd[f"{p}{sub}.relative_position_index"] = relative_position_index(block.window)
+        if isinstance(m, DPGNetwork):
+            trunk = m.cfg.num_trunk_layers
+            for key, value in m.branches[0].state_dict().items():
+                j, rest = key.split(".", 1)
+                sd[f"{p}layers.{trunk + int(j)}.{rest}"] = value.clone()
+    return sd
+
+
+def _cpu_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies that keep shared tensors shared (the performer duplicates), so they are stored once."""
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in sd.items():
+        if id(v) not in moved:
+            moved[id(v)] = v.detach().cpu()
+        out[k] = moved[id(v)]
+    return out
+
+
+def _target_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix in (".pth", ".pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    return path / IMG_ENCODER_FILE
+
+
+def save_img_encoder(encoder: DualPromptEncoder, path: str | Path, official_layout: bool = True) -> Path:
+    """Write `img_encoder_weights.pth` into directory `path` (or to `path` if it ends in .pth)."""
+    sd = official_state_dict(encoder) if official_layout else encoder.state_dict()
+    target = _target_file(path)
+    torch.save({"model_state_dict": _cpu_state(sd), "swinir_kwargs": encoder.swinir_kwargs,
+                "performer_kwargs": encoder.performer_kwargs}, target)
+    return target
+
+
+def load_img_encoder(path: str | Path, strict: bool = True, attention: str = "sdpa",
+                     weights_only: bool = True) -> tuple[DualPromptEncoder, LoadReport]:
+    """Build a DualPromptEncoder from an img_encoder_weights.pth (file or its directory) and load it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / IMG_ENCODER_FILE
+    obj = _load_file(path, weights_only)
+    for key in ("model_state_dict", "swinir_kwargs", "performer_kwargs"):
+        if key not in obj:
+            raise CheckpointMismatchError(f"{path}: no '{key}' entry; not an img_encoder_weights file")
+    encoder = DualPromptEncoder(DPGConfig.from_swinir_kwargs(obj["swinir_kwargs"], attention),
+                                PromptEmbedderConfig.from_performer_kwargs(obj["performer_kwargs"]))
+    report = load_state_dict_checked(encoder, obj["model_state_dict"], strict, str(path))
+    return encoder, report
+
+
+def save_dpg(model: DPGFeatureExtractor, path: str | Path, official_layout: bool = True) -> Path:
+    """Write a stage-1 DPG checkpoint as a plain state dict (the file the official adapter loads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = official_state_dict(model) if official_layout else model.state_dict()
+    torch.save(_cpu_state(sd), path)
+    return path
+
+
+__all__ = ["CheckpointMismatchError", "IMG_ENCODER_FILE", "LoadReport", "load_dpg_weights", "load_img_encoder",
+           "load_state_dict_checked", "official_extra_keys", "official_state_dict", "save_dpg", "save_img_encoder",
+           "unwrap_dpg_state_dict"]

@@ -1,0 +1,330 @@
+"""DPG network: official semantics (checked against straightforward re-computations written here
+in the official style: roll + window partition + explicit attention), shapes, caches, configs."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from haodiff_model import swin
+from haodiff_model.dpg import RGB_MEAN, ConfigError, DPGConfig, DPGFeatureExtractor, DPGNetwork
+from haodiff_model.swin import relative_position_index, shift_window_mask, window_order
+
+PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "dpg.yaml"
+# grid 64/4 = 16 tokens, 2x2 windows of 8 with shift 4; head dims 4 and 6 exercise the padded SDPA path
+TINY = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), window_size=8,
+                 drop_path_rate=0.0)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _perturb(model: torch.nn.Module, seed: int = 5) -> None:
+    """Randomise the LayerNorm affines and biases too, so that no parameter is a neutral 1 or 0."""
+    g = _gen(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "norm1.weight" in name or "norm2.weight" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias") or "relative_position_bias_table" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+# ---- straightforward official-style reference ---------------------------------------------------
+
+def ref_rel_index(w: int) -> torch.Tensor:
+    idx = torch.empty(w * w, w * w, dtype=torch.long)
+    for i in range(w * w):
+        for j in range(w * w):
+            dy, dx = i // w - j // w + w - 1, i % w - j % w + w - 1
+            idx[i, j] = dy * (2 * w - 1) + dx
+    return idx
+
+
+def ref_partition(x: torch.Tensor, w: int) -> torch.Tensor:
+    b, h, wd, c = x.shape
+    return x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+
+
+def ref_reverse(win: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
+    b = win.shape[0] // (h * wd // (w * w))
+    return win.view(b, h // w, wd // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h, wd, -1)
+
+
+def ref_mask(h: int, wd: int, w: int, s: int) -> torch.Tensor:
+    img = torch.zeros(1, h, wd, 1)
+    cnt = 0
+    for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+        for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    mw = ref_partition(img, w).squeeze(-1)
+    diff = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def ref_block(blk, x, h, wd, w):
+    b, n_tok, c = x.shape
+    heads = blk.attn.num_heads
+    hd = c // heads
+    s = blk.shift
+    y = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias).view(b, h, wd, c)
+    if s:
+        y = torch.roll(y, (-s, -s), (1, 2))
+    win = ref_partition(y, w)
+    n = w * w
+    qkv = F.linear(win, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(-1, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q * hd ** -0.5) @ k.transpose(-2, -1)
+    bias = blk.attn.relative_position_bias_table[ref_rel_index(w).view(-1)].view(n, n, -1).permute(2, 0, 1)
+    attn = attn + bias.unsqueeze(0)
+    if s:
+        mask = ref_mask(h, wd, w, s)
+        attn = (attn.view(b, -1, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
+    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, n, c)
+    out = F.linear(out, blk.attn.proj.weight, blk.attn.proj.bias)
+    y = ref_reverse(out, w, h, wd)
+    if s:
+        y = torch.roll(y, (s, s), (1, 2))
+    x = x + y.reshape(b, n_tok, c)
+    z = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias)
+    return x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(z)))
+
+
+def ref_rstb(rstb, x, h, wd, w):
+    y = x
+    for blk in rstb.residual_group.blocks:
+        y = ref_block(blk, y, h, wd, w)
+    b, _, c = x.shape
+    y = rstb.conv(y.transpose(1, 2).reshape(b, c, h, wd).contiguous())
+    return y.flatten(2).transpose(1, 2) + x
+
+
+def ref_trunk(fe, x):
+    cfg = fe.cfg
+    x = (x - torch.tensor(RGB_MEAN).view(1, 3, 1, 1)) * cfg.img_range
+    f = fe.conv_first(x.contiguous())
+    h, wd = f.shape[2:]
+    emb = F.layer_norm(f.flatten(2).transpose(1, 2), (cfg.embed_dim,), fe.patch_embed.norm.weight,
+                       fe.patch_embed.norm.bias)
+    t = emb
+    for layer in fe.layers:
+        t = ref_rstb(layer, t, h, wd, cfg.window)
+    x_mid = t + emb
+    outs = []
+    for branch in fe.branches:
+        bt = x_mid
+        for layer in branch:
+            bt = ref_rstb(layer, bt, h, wd, cfg.window)
+        outs.append(bt)
+    return outs, x_mid, (h, wd)
+
+
+def ref_extractor(fe, x):
+    outs, _, _ = ref_trunk(fe, x)
+    return [fe.norm(o) for o in outs]
+
+
+def ref_network(net, x):
+    outs, x_mid, (h, wd) = ref_trunk(net, x)
+    results = []
+    for i, o in enumerate(outs):
+        y = (net.norm(o) + x_mid).transpose(1, 2).reshape(o.shape[0], -1, h, wd).contiguous()
+        up = net.upsamplers[i]
+        y = up.conv_before_upsample(up.conv_after_body(y))
+        y = F.leaky_relu(up.conv_up1(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
+        y = F.leaky_relu(up.conv_up2(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
+        y = up.conv_last(F.leaky_relu(up.conv_hr(y), 0.2))
+        if y.shape[1] == 3:
+            y = y + torch.tensor(RGB_MEAN).view(1, 3, 1, 1)
+        results.append(y)
+    return results
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+def test_window_tables_match_roll_and_partition():
+    h, wd, w, s = 16, 24, 8, 4
+    grid = torch.arange(h * wd).view(1, h, wd, 1)
+    assert torch.equal(window_order(h, wd, w), ref_partition(grid, w).flatten())
+    rolled = torch.roll(grid, (-s, -s), (1, 2))
+    assert torch.equal(window_order(h, wd, w, s), ref_partition(rolled, w).flatten())
+    assert torch.equal(shift_window_mask(h, wd, w, s), ref_mask(h, wd, w, s))
+    assert torch.equal(relative_position_index(w), ref_rel_index(w))
+    geom = swin.WindowGeometry.build(h, wd, w, s, torch.device("cpu"))
+    x = torch.randn(2, h * wd, 3)
+    win = x[:, geom.to_window]
+    assert torch.equal(win[:, geom.to_raster], x)
+    assert torch.equal(win[:, geom.to_shifted], x[:, window_order(h, wd, w, s)])
+    assert torch.equal(win[:, geom.to_shifted][:, geom.from_shifted], win)
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "explicit"])
+@pytest.mark.parametrize("shift", [0, 4])
+def test_swin_block_matches_reference(mode, shift):
+    torch.manual_seed(0)
+    blk = swin.SwinTransformerBlock(12, 3, 8, shift, 2.0, attention=mode).eval()
+    swin.init_swin_(blk, _gen(1))
+    _perturb(blk)
+    h, wd = 16, 24
+    geom = swin.WindowGeometry.build(h, wd, 8, 4, torch.device("cpu"))
+    x = torch.randn(3, h * wd, 12, generator=_gen(2))
+    with torch.no_grad():
+        ours = blk(x[:, geom.to_window], geom)[:, geom.to_raster]
+        ref = ref_block(blk, x, h, wd, 8)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_extractor_and_network_match_reference():
+    net = DPGNetwork(TINY, _gen(0)).eval()
+    _perturb(net)
+    fe = DPGFeatureExtractor(TINY).eval()
+    missing = fe.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("upsamplers")})
+    assert not missing.missing_keys and not missing.unexpected_keys
+    x = torch.rand(2, 3, 64, 64, generator=_gen(3)) * 2 - 1
+    with torch.no_grad():
+        feats, ref_feats = fe(x), ref_extractor(fe, x)
+        outs, ref_outs = net(x), ref_network(net, x)
+    assert [tuple(t.shape) for t in feats] == [(2, 256, 12)] * 3
+    for a, b in zip(feats, ref_feats):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [tuple(t.shape) for t in outs] == [(2, 3, 64, 64), (2, 3, 64, 64), (2, 1, 64, 64)]
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_and_sdpa_attention_agree_in_fp32():
+    net = DPGNetwork(TINY, _gen(0)).eval()
+    _perturb(net)
+    x = torch.rand(2, 3, 64, 64, generator=_gen(4))
+    with torch.no_grad():
+        fast = net(x)
+        net.set_attention("explicit")
+        slow = net(x)
+    for a, b in zip(fast, slow):
+        assert (a - b).abs().max().item() < 1e-5
+
+
+def test_head_dim_multiple_of_eight_and_batch_independence():
+    cfg = dataclasses.replace(TINY, embed_dim=16, num_heads=(2, 2, 2, 2))  # head dim 8: no padding
+    net = DPGNetwork(cfg, _gen(0)).eval()
+    _perturb(net)
+    x = torch.rand(3, 3, 64, 64, generator=_gen(6))
+    with torch.no_grad():
+        batched = net(x)
+        single = [net(x[i:i + 1]) for i in range(3)]
+        ref = ref_network(net, x)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], torch.cat([s[k] for s in single]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[k], ref[k], rtol=1e-5, atol=1e-5)
+
+
+def test_odd_input_is_padded_and_cropped():
+    net = DPGNetwork(TINY, _gen(0)).eval()
+    x = torch.rand(1, 3, 50, 70, generator=_gen(7))
+    with torch.no_grad():
+        outs = net(x)
+        padded = net(F.pad(x, (0, 26, 0, 14), mode="reflect"))
+    assert [tuple(o.shape) for o in outs] == [(1, 3, 50, 70), (1, 3, 50, 70), (1, 1, 50, 70)]
+    for a, b in zip(outs, padded):
+        assert torch.equal(a, b[:, :, :50, :70])
+    with pytest.raises(ValueError, match="not a multiple of the window"):
+        DPGFeatureExtractor(TINY)(torch.rand(1, 3, 48, 48))
+
+
+def test_shift_masks_and_biases_are_computed_once(monkeypatch):
+    net = DPGFeatureExtractor(TINY).eval()
+    builds = []
+    real_build = swin.WindowGeometry.build.__func__
+
+    def counting_build(cls, *args):
+        builds.append(args)
+        return real_build(cls, *args)
+
+    monkeypatch.setattr(swin.WindowGeometry, "build", classmethod(counting_build))
+    x = torch.rand(1, 3, 64, 64)
+    attn = net.layers[0].residual_group.blocks[1].attn
+    with torch.no_grad():
+        first = net(x)
+        bias = attn._bias
+        second = net(x)
+    assert len(builds) == 1
+    assert attn._bias is bias and bias.shape == (4, 3, 64, 64)  # 2x2 windows, 3 heads, shifted
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with torch.no_grad():  # an optimizer-style in-place update invalidates the cached bias
+        attn.relative_position_bias_table.add_(1.0)
+        net(x)
+    assert attn._bias is not bias and torch.allclose(attn._bias, bias + 1.0)
+
+
+def test_drop_path_needs_a_generator_and_is_reproducible():
+    cfg = dataclasses.replace(TINY, drop_path_rate=0.5)
+    net = DPGNetwork(cfg, _gen(0)).train()
+    x = torch.rand(4, 3, 64, 64, generator=_gen(8))
+    with pytest.raises(RuntimeError, match="set_drop_path_generator"):
+        net(x)
+    net.set_drop_path_generator(_gen(11))
+    a = net(x)
+    net.set_drop_path_generator(_gen(11))
+    b = net(x)
+    net.set_drop_path_generator(_gen(12))
+    c = net(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c))
+    sum(o.mean() for o in a).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_training_step_changes_every_branch_and_keeps_branches_identical_at_init():
+    net = DPGNetwork(TINY, _gen(0))
+    b0, b1, b2 = (list(b.parameters()) for b in net.branches)
+    assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in zip(b0, b1, b2))  # official deepcopy init
+    assert not torch.equal(net.upsamplers[0].conv_last.weight, net.upsamplers[1].conv_last.weight)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.rand(2, 3, 64, 64, generator=_gen(9))
+    outs = net(x)
+    (outs[0].abs().mean() + 2 * outs[1].abs().mean() + outs[2].sigmoid().mean()).backward()
+    opt.step()
+    assert not torch.equal(b0[0], b1[0]) and not torch.equal(b1[0], b2[0])
+
+
+def test_paper_config_from_pipeline_and_parameter_counts():
+    cfg = DPGConfig.from_yaml(PIPELINE)
+    assert cfg == DPGConfig()
+    assert (cfg.grid, cfg.window, cfg.shift) == (128, 8, 4)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(DPGFeatureExtractor(cfg)) == 7_711_800  # model_spec A.4, mlp_ratio 2
+    assert count(DPGFeatureExtractor(dataclasses.replace(cfg, mlp_ratio=4.0))) == 10_420_800
+    net = DPGNetwork(cfg)
+    # official stage-1 SwinIR: 12,260,257 of which 1,499,250 in the dead layers.2-3 we do not build
+    assert count(net) == 12_260_257 - 1_499_250
+    assert count(net.upsamplers) == 3_049_207
+    fe = DPGFeatureExtractor(cfg)
+    shapes = {k: tuple(v.shape) for k, v in fe.state_dict().items()}
+    assert shapes["conv_first.conv_before_downsample.0.weight"] == (150, 3, 3, 3)
+    assert shapes["conv_first.conv_down2.weight"] == (150, 150, 3, 3)
+    assert shapes["layers.1.residual_group.blocks.5.attn.relative_position_bias_table"] == (225, 6)
+    assert shapes["branches.2.1.residual_group.blocks.2.attn.relative_position_bias_table"] == (225, 3)
+    assert shapes["branches.0.1.conv.weight"] == (150, 150, 3, 3)
+    assert "norm.weight" in shapes and "patch_embed.norm.bias" in shapes
+
+
+def test_config_rejects_unknown_keys_and_round_trips_official_kwargs(tmp_path):
+    bad = tmp_path / "dpg.yaml"
+    bad.write_text("dpg:\n  embed_dimm: 150\n")
+    with pytest.raises(ConfigError, match="embed_dimm"):
+        DPGConfig.from_yaml(bad)
+    kwargs = TINY.to_swinir_kwargs()
+    assert "attention" not in kwargs and kwargs["depths"] == [2, 2, 2, 2]
+    official = {**kwargs, "pretrained_swinir": "weights/dpg.pth", "upsampler": "nearest+conv"}
+    assert DPGConfig.from_swinir_kwargs(official) == TINY
+    with pytest.raises(ConfigError, match="window"):
+        DPGConfig.from_swinir_kwargs({**kwargs, "window": 8})
+    with pytest.raises(ValueError, match="divisible"):
+        DPGConfig(embed_dim=100)
+    assert math.isclose(DPGConfig.from_dict({"mlp_ratio": 4}).mlp_ratio, 4.0)

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from haodiff_data.segment import make_segmenter  # noqa: E402
+from haodiff_data.segment.sapiens import MEAN, padded_size  # noqa: E402
+
+
+class TinySapiens(nn.Module):
+    """Same contract as a Sapiens lite seg export: (B, 3, 1024, 768) -> (B, C, 512, 384) logits.
+
+    Class 0 (background) wins where the normalised input is ~0, i.e. the mean colour and the
+    padding; elsewhere class 2 wins in the top quarter of the model's input (rows < 256 of 1024)
+    and class 1 below. Argmax thus depends on content and on position in the padded frame.
+    """
+
+    def __init__(self, channels: int = 28):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.avg_pool2d(x.abs().mean(dim=1, keepdim=True), 2)
+        rows = torch.arange(s.shape[2], device=x.device).view(1, 1, -1, 1)
+        top = (rows < 128).to(s.dtype)
+        background = torch.full_like(s, 0.25)
+        rest = torch.full_like(s, -100.0).expand(-1, self.channels - 3, -1, -1)
+        return torch.cat([background, s, s + top - 0.5, rest], dim=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_torchscript(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_seg_torchscript.pt2"
+    torch.jit.script(TinySapiens().eval()).save(str(path))
+    return str(path)
+
+
+def _half_white(height: int, width: int) -> np.ndarray:
+    """Top half white, bottom half the normalisation mean (which the model sees as background)."""
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = np.round(MEAN).astype(np.uint8)
+    image[: height // 2] = 255
+    return image
+
+
+def _expected(height: int, width: int) -> np.ndarray:
+    """Labels the tiny model must give when the image is padded to 3:4 (centred) and not stretched."""
+    ph, _ = padded_size(height, width)
+    top = (ph - height) // 2
+    quarter = ph / 4 - top  # the model's top quarter, in original rows
+    rows = np.arange(height)[:, None]
+    labels = np.where(rows < quarter, 2, 1)
+    labels = np.where(rows >= height // 2, 0, labels)
+    return np.broadcast_to(labels, (height, width)).astype(np.uint8)
+
+
+def _check(labels: np.ndarray, expected: np.ndarray, tolerance: int = 2) -> None:
+    """Equal except within ``tolerance`` rows of a class boundary (bilinear upsampling)."""
+    boundary = np.zeros(expected.shape[0], bool)
+    changes = np.flatnonzero(np.diff(expected[:, 0].astype(int))) + 1
+    for row in changes:
+        boundary[max(0, row - tolerance) : row + tolerance] = True
+    assert np.array_equal(labels[~boundary], expected[~boundary])
+
+
+def test_padded_size_is_three_by_four_portrait():
+    assert padded_size(512, 512) == (683, 512)
+    assert padded_size(1024, 768) == (1024, 768)
+    assert padded_size(1000, 300) == (1000, 750)
+    assert padded_size(300, 800) == (1067, 800)
+
+
+def test_square_crop_is_padded_then_cropped_back(tiny_torchscript):
+    seg = make_segmenter("sapiens", checkpoint=tiny_torchscript)
+    assert seg.name == "sapiens" and seg.model_id == "tiny_seg_torchscript.pt2" and not seg.per_source
+    labels = seg.segment([_half_white(512, 512)])[0]
+    assert labels.shape == (512, 512) and labels.dtype == np.uint8
+    expected = _expected(512, 512)
+    # Padding 512 -> 683 rows puts the model's quarter line at row 170.75 - 85 = 85.75; a stretched
+    # input would put it at row 128, so these rows tell the two apart.
+    assert (expected[:85] == 2).all() and (expected[87:256] == 1).all()
+    _check(labels, expected)
+    assert (labels[90:250] == 1).all() and (labels[:80] == 2).all() and not labels[260:].any()
+
+
+def test_batches_equal_single_images_for_mixed_sizes(tiny_torchscript):
+    seg = make_segmenter("sapiens", checkpoint=tiny_torchscript, batch_size=2)
+    images = [_half_white(512, 512), _half_white(300, 800), _half_white(1000, 300)]
+    batched = seg.segment(images)
+    for image, labels in zip(images, batched):
+        assert labels.shape == image.shape[:2]
+        assert np.array_equal(labels, seg.segment([image])[0])
+        _check(labels, _expected(*image.shape[:2]))
+
+
+def test_exported_program_with_static_batch(tmp_path):
+    path = tmp_path / "tiny_seg_bfloat16.pt2"
+    program = torch.export.export(TinySapiens().eval(), (torch.zeros(1, 3, 1024, 768),))
+    torch.export.save(program, str(path))
+    seg = make_segmenter("sapiens", checkpoint=str(path), batch_size=4)
+    assert seg.static_batch == 1
+    images = [_half_white(512, 512), _half_white(512, 512)]
+    for labels in seg.segment(images):
+        _check(labels, _expected(512, 512))
+
+
+def test_clear_errors(tmp_path):
+    missing = tmp_path / "nope_torchscript.pt2"
+    with pytest.raises(FileNotFoundError, match="nope_torchscript.pt2"):
+        make_segmenter("sapiens", checkpoint=str(missing))
+    with pytest.raises(ValueError, match="needs checkpoint"):
+        make_segmenter("sapiens")
+    wrong = tmp_path / "wrong_torchscript.pt2"
+    torch.jit.script(TinySapiens(channels=20).eval()).save(str(wrong))
+    seg = make_segmenter("sapiens", checkpoint=str(wrong))
+    with pytest.raises(ValueError, match=r"wrong_torchscript\.pt2.*\(1, 20, 512, 384\)"):
+        seg.segment([_half_white(64, 64)])
+    garbage = tmp_path / "garbage.pt2"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt2: cannot load"):
+        make_segmenter("sapiens", checkpoint=str(garbage))
+    seg = make_segmenter("sapiens", checkpoint=str(wrong))
+    seg.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        seg.segment([_half_white(64, 64)])
