@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,8 @@ def ordered_map(fn, tasks: list, workers: int, initializer, initargs: tuple) -> 
         return
     # forkserver, not fork: a process forked after MediaPipe ran in its parent crashes.
     ctx = mp.get_context("forkserver")
+    # Workers fork from a server that already imported the pipeline: no per-worker import cost.
+    ctx.set_forkserver_preload(["haodiff_data.synth"])
     with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
         yield from pool.imap(fn, tasks, chunksize=1)
 

@@ -329,8 +329,8 @@ class DPGFeatureExtractor(nn.Module):
     def _check_training(self) -> None:
         c = self.cfg
         if self.training and torch.is_grad_enabled() and (c.drop_rate or c.attn_drop_rate or c.use_checkpoint):
-            raise NotImplementedError("training with drop_rate/attn_drop_rate > 0 or use_checkpoint is not "
-                                      "supported (the paper config uses 0/0/False)")
+            raise RuntimeError("training with drop_rate/attn_drop_rate > 0 or use_checkpoint is not supported "
+                               "(the paper config uses 0/0/False); they only load for inference")
 
     def forward_trunk(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, WindowGeometry]:
         """Image -> (per-branch tokens before the shared norm, x_mid), all in window order."""
@@ -408,13 +408,7 @@ class DPGNetwork(DPGFeatureExtractor):
         return results
 
 
-def build_from_yaml(path: str | Path, stage1: bool = False, generator: torch.Generator | None = None) -> nn.Module:
-    """A DPGNetwork (stage1) or DPGFeatureExtractor from the `dpg` section of a YAML file."""
-    cfg = DPGConfig.from_yaml(path)
-    return DPGNetwork(cfg, generator) if stage1 else DPGFeatureExtractor(cfg, generator)
-
-
 __all__ = [
     "ConfigError", "ConvDownsampler", "DPGConfig", "DPGFeatureExtractor", "DPGNetwork", "NearestConvUpsampler",
-    "PatchEmbed", "RGB_MEAN", "build_from_yaml", "config_from_mapping",
+    "PatchEmbed", "RGB_MEAN", "config_from_mapping", "read_yaml_section",
 ]

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from haodiff_model.checkpoint import (
-    CheckpointMismatchError, load_dpg_weights, load_img_encoder, load_state_dict_checked, official_state_dict,
-    save_dpg, save_img_encoder,
+    CheckpointMismatchError,
+    load_dpg_weights,
+    load_img_encoder,
+    load_state_dict_checked,
+    official_state_dict,
+    save_dpg,
+    save_img_encoder,
 )
 from haodiff_model.dpg import DPGConfig, DPGFeatureExtractor, DPGNetwork
 from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig

@@ -277,6 +277,11 @@ def test_drop_path_needs_a_generator_and_is_reproducible():
     assert not all(torch.equal(u, v) for u, v in zip(a, c))
     sum(o.mean() for o in a).backward()
     assert all(p.grad is not None for p in net.parameters())
+    dropout = DPGNetwork(dataclasses.replace(TINY, drop_rate=0.1), _gen(0))
+    with pytest.raises(RuntimeError, match="not supported"):
+        dropout.train()(x)
+    with torch.no_grad():
+        assert dropout.eval()(x)[0].shape == (4, 3, 64, 64)  # such checkpoints still run for inference
 
 
 def test_training_step_changes_every_branch_and_keeps_branches_identical_at_init():

@@ -12,7 +12,11 @@ from torch import nn
 from haodiff_model.dpg import DPGConfig
 from haodiff_model.performer import FastAttention, Performer, add_official_duplicates, gaussian_orthogonal_random_matrix
 from haodiff_model.prompt import (
-    AttentionPool, DualPromptEncoder, PerformerWithAttentionPool, PromptEmbedderConfig, prepare_dpg_input,
+    AttentionPool,
+    DualPromptEncoder,
+    PerformerWithAttentionPool,
+    PromptEmbedderConfig,
+    prepare_dpg_input,
 )
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "dpg.yaml"

@@ -15,12 +15,11 @@ import numpy as np
 
 from haodiff_data.degrade.kernels import build_kernel, draw_blur_kernel, draw_sinc, filter2d
 from haodiff_data.degrade.noise import add_noise, draw_noise, to_uint8
-from haodiff_data.recipe import FinalConfig, GenericConfig, OrderConfig, ResizeConfig
+from haodiff_data.recipe import FinalConfig, OrderConfig, ResizeConfig
 
 RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 RESIZE_KINDS = ("up", "down", "keep")
 FINAL_ORDERS = ("resize_sinc_jpeg", "jpeg_resize_sinc")
-
 
 
 def _check_shape(hq_shape: tuple[int, int], scale: int) -> tuple[int, int]:
