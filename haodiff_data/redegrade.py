@@ -41,7 +41,7 @@ def _init(cfg: DegradeConfig) -> None:
 
 def _degrade_shard(path: Path) -> TaskResult:
     cfg = _CFG["cfg"]
-    result = TaskResult(position=0)
+    result = TaskResult()
     timer = _Timer(result.timings)
     for members in iter_members(path):
         where = f"{path}:{members['__key__']}"
@@ -51,12 +51,10 @@ def _degrade_shard(path: Path) -> TaskResult:
             result.rejects.append({"source": where, "reason": f"unreadable sample: {exc}", "samples": [members["__key__"]]})
             continue
         meta = sample.meta
-        encoded, new_meta = make_sample(
+        result.samples.append(make_sample(
             sample.hq, sample.parts, meta["sample_index"], cfg.seed, cfg.recipe, meta["source"],
             {"name": meta["segmenter"]["name"], "model_id": meta["segmenter"]["model_id"]}, timer,
-        )
-        result.samples.append(encoded)
-        result.metas.append(new_meta)
+        ))
     return result
 
 

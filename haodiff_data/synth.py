@@ -71,9 +71,7 @@ class Task:
 
 @dataclass
 class TaskResult:
-    position: int
     samples: list[dict[str, Any]] = field(default_factory=list)
-    metas: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -149,7 +147,7 @@ def _find_person(work: np.ndarray, full_labels: np.ndarray | None) -> tuple[int,
 def process_task(task: Task) -> TaskResult:
     cfg: SynthConfig = _WORKER["cfg"]
     recipe = cfg.recipe
-    result = TaskResult(task.position)
+    result = TaskResult()
     k_per = cfg.samples_per_image
     indices = [task.position * k_per + k for k in task.ks]
     timer = _Timer(result.timings)
@@ -199,16 +197,16 @@ def process_task(task: Task) -> TaskResult:
         "size": [rgb.shape[1], rgb.shape[0]],
         "working_size": None if work_hw is None else [work_hw[1], work_hw[0]],
     }
+    no_person = []
     for i, plan, hq, parts in zip(indices, plans, hqs, parts_list):
-        person_found = bool(parts.any())
-        if recipe.first_order.require_person and not person_found:
-            reject("no person found (first_order.require_person)", [i])
+        if recipe.first_order.require_person and not parts.any():
+            no_person.append(i)
             continue
-        sample, meta = make_sample(
-            hq, parts, i, cfg.seed, recipe, {**source_meta, "crop": plan}, _segmenter_meta(seg), timer
+        result.samples.append(
+            make_sample(hq, parts, i, cfg.seed, recipe, {**source_meta, "crop": plan}, _segmenter_meta(seg), timer)
         )
-        result.samples.append(sample)
-        result.metas.append(meta)
+    if no_person:
+        reject("no person found (first_order.require_person)", no_person)
     return result
 
 
@@ -225,8 +223,8 @@ def make_sample(
     source_meta: dict[str, Any],
     segmenter_meta: dict[str, Any],
     timer: _Timer,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Degrade one HQ crop and encode it; shared by ``synth`` and ``degrade``."""
+) -> dict[str, Any]:
+    """Degrade one HQ crop and encode it as a WebDataset sample; shared by ``synth`` and ``degrade``."""
     with timer("degrade"):
         groups = group_masks(parts, recipe.hmb.min_group_fraction)
         params = draw_degradation(sample_rng(seed, index, DEGRADE_STREAM), recipe, hq.shape[:2], list(groups))
@@ -243,10 +241,7 @@ def make_sample(
         **params,
     }
     with timer("encode"):
-        sample = encode_sample(
-            sample_key(index), hq, lq, mask, parts, meta, recipe.shards.png_compression
-        )
-    return sample, meta
+        return encode_sample(sample_key(index), hq, lq, mask, parts, meta, recipe.shards.png_compression)
 
 
 class _Timer:
@@ -416,7 +411,7 @@ def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeStat
         "shards": [p.name for p in shards],
         "samples_written": len(metas),
         "samples_rejected": sum(len(r["samples"]) for r in state.rejects),
-        "sources_rejected": len(state.rejects),
+        "sources_rejected": len({r["source"] for r in state.rejects}),
         "rejects_by_reason": dict(Counter(r["reason"].split(":")[0] for r in state.rejects)),
         "this_invocation": {
             "samples": made_now,

@@ -180,3 +180,40 @@ def test_kill_then_resume_gives_the_uninterrupted_shards(tmp_path):
     assert len(shard_bytes(clean)) == 8
     assert shard_bytes(killed) == shard_bytes(clean)
     assert not list(killed.glob(".*.tmp"))
+
+
+def test_no_person_is_noted_or_rejected_under_require_person(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "wall.png"), np.full((600, 600, 3), 128, np.uint8))
+    out = tmp_path / "out"
+    assert synth(out, str(src), "-k", "2", "--workers", "1") == 0
+    for members in samples_by_key(out).values():
+        meta = json.loads(members["json"])
+        assert meta["segmenter"]["person_found"] is False and meta["first_order"] != "hmb"
+        assert "no person" in meta["first_order_note"]
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("first_order:\n  require_person: true\n")
+    out2 = tmp_path / "out2"
+    assert synth(out2, str(src), "-k", "2", "--workers", "1", "--recipe", str(strict)) == 3
+    (reject,) = [json.loads(line) for line in (out2 / "rejects-r000.jsonl").read_text().splitlines()]
+    assert reject["reason"].startswith("no person found") and reject["samples"] == [0, 1]
+
+
+def test_labels_segmenter_uses_precomputed_maps(tmp_path):
+    src, labels = tmp_path / "in", tmp_path / "labels"
+    src.mkdir()
+    labels.mkdir()
+    (src / "astronaut.png").write_bytes((ASSETS_DIR / "astronaut.png").read_bytes())
+    label_map = np.zeros((512, 512), np.uint8)
+    label_map[60:200, 180:330] = 2  # head
+    label_map[200:500, 320:440] = 10  # left upper arm
+    cv2.imwrite(str(labels / "astronaut.png"), label_map)
+    out = tmp_path / "out"
+    assert synth(out, str(src), "--segmenter", "labels", "--labels-dir", str(labels), "--workers", "1") == 0
+    (members,) = samples_by_key(out).values()
+    parts = cv2.imdecode(np.frombuffer(members["parts.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(parts, label_map)
+    meta = json.loads(members["json"])
+    assert meta["segmenter"]["name"] == "labels"
+    assert meta["segmenter"]["groups"] == ["head", "left_upper_limb", "whole_body"]
