@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)")
     p.add_argument("--device", default="cpu", help="device for the sapiens segmenter: cpu or cuda[:N] (default: cpu)")
     p.add_argument("--labels-dir", help="folder of precomputed Goliath label maps named <source stem>.png")
-    p.add_argument("--num-nodes", type=int, default=1, help="number of independent nodes sharing the inputs")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's rank in [0, num-nodes)")
+    p.add_argument("--num-nodes", type=int, default=None,
+                   help="number of independent nodes sharing the inputs (default: $WORLD_SIZE as set by "
+                        "torchrun/accelerate, else 1)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank in [0, num-nodes) (default: $RANK as set by torchrun/accelerate, else 0)")
 
     p = sub.add_parser("degrade", help="re-degrade existing shards (their stored HQ and part labels) with another recipe or seed")
     p.add_argument("shards", nargs="+", help="shard files, folders or globs")
@@ -102,11 +106,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from haodiff_data.intake.sources import embedded_sources
     from haodiff_data.synth import RunError, SynthConfig, print_summary, synth
 
+    # Under torchrun/accelerate every process is a "node" of the partition, on its own GPU.
+    num_nodes = args.num_nodes if args.num_nodes is not None else int(os.environ.get("WORLD_SIZE", 1))
+    node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("RANK", 0))
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     embedded = not args.inputs
     inputs = [s.path for s in embedded_sources()] if embedded else args.inputs
     k = args.samples_per_image or (8 if embedded else 1)
-    if not 0 <= args.node_rank < args.num_nodes:
-        raise RunError(f"--node-rank must be in [0, {args.num_nodes})")
+    if not 0 <= node_rank < num_nodes:
+        raise RunError(f"--node-rank must be in [0, {num_nodes})")
     if args.segmenter == "sapiens" and not args.checkpoint:
         raise RunError("--segmenter sapiens needs --checkpoint PATH (a Sapiens lite *_torchscript.pt2 or *.pt2)")
     if args.segmenter == "labels" and not args.labels_dir:
@@ -114,7 +124,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         inputs=inputs, out=args.out, recipe=_load_recipe(args), seed=args.seed, samples_per_image=k,
         limit=args.limit, workers=args.workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
-        device=args.device, labels_dir=args.labels_dir, num_nodes=args.num_nodes, node_rank=args.node_rank,
+        device=device, labels_dir=args.labels_dir, num_nodes=num_nodes, node_rank=node_rank,
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
     summary = synth(cfg)

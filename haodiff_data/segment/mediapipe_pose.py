@@ -228,8 +228,6 @@ def _pose_for_this_process() -> Any:
                 f"({pid}) was forked from it; MediaPipe crashes in such a child. Use the segmenter only "
                 "in worker processes, or start workers with the 'spawn' or 'forkserver' method."
             )
-        # MediaPipe's C++ logging prints a few warnings per graph; keep the progress bar readable.
-        os.environ.setdefault("GLOG_minloglevel", "2")
         from mediapipe.python.solutions import pose as mp_pose
 
         # model_complexity=1 is the landmark model bundled in the wheel; 0 and 2 try to download.
