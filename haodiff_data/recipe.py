@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from haodiff_data.segment.goliath import GROUPS
+
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 
 
@@ -47,14 +49,7 @@ class FirstOrderConfig:
 
 @dataclass(frozen=True)
 class HMBConfig:
-    groups: tuple[str, ...] = (
-        "head",
-        "left_upper_limb",
-        "right_upper_limb",
-        "left_lower_limb",
-        "right_lower_limb",
-        "whole_body",
-    )
+    groups: tuple[str, ...] = GROUPS
     group_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     min_group_fraction: float = 0.005
     erode_range: tuple[int, int] = (1, 7)
@@ -236,6 +231,9 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("first_order: probabilities must be >= 0 and not all zero")
     if recipe.crop.mode not in ("person", "random", "center"):
         raise RecipeError(f"crop.mode: expected person, random or center, got {recipe.crop.mode!r}")
+    unknown = [g for g in recipe.hmb.groups if g not in GROUPS]
+    if unknown:
+        raise RecipeError(f"hmb.groups: unknown group(s) {unknown}; known: {', '.join(GROUPS)}")
     if len(recipe.hmb.groups) != len(recipe.hmb.group_weights):
         raise RecipeError("hmb.groups and hmb.group_weights must have the same length")
     for order in ("first", "second"):

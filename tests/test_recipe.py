@@ -48,6 +48,9 @@ def test_cross_field_checks(tmp_path):
     path.write_text("crop:\n  mode: diagonal\n")
     with pytest.raises(RecipeError, match="crop.mode"):
         load_recipe(path)
+    path.write_text("hmb:\n  groups: [head, tail]\n  group_weights: [1, 1]\n")
+    with pytest.raises(RecipeError, match="unknown group.*tail"):
+        load_recipe(path)
     path.write_text("generic:\n  final:\n    resize_back: false\n")
     with pytest.raises(RecipeError, match="resize_back"):
         load_recipe(path)
