@@ -10,7 +10,7 @@ import numpy as np
 from haodiff_data.degrade.pipeline import apply_degradation, draw_degradation
 from haodiff_data.intake.crop import apply_crop, resize_to
 from haodiff_data.intake.decode import RejectedInput, decode_image
-from haodiff_data.intake.sources import Source, sha256
+from haodiff_data.intake.sources import read_recorded_source, sha256
 from haodiff_data.recipe import RecipeError, load_recipe
 from haodiff_data.rng import DEGRADE_STREAM, sample_rng
 from haodiff_data.segment.goliath import group_masks
@@ -34,8 +34,8 @@ def replay(shards: list[str], key: str) -> dict[str, Any]:
 
     src = meta["source"]
     try:
-        data = Source(src["path"], src.get("member")).read_bytes()
-    except OSError:
+        data = read_recorded_source(src["path"], src.get("member"))
+    except (OSError, KeyError):
         data = None
     if data is None or sha256(data) != src["sha256"]:
         checks["hq_from_source"] = "skipped: source file missing or changed"

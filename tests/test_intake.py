@@ -106,12 +106,14 @@ def test_sources_from_folders_lists_globs_and_tars(tmp_path):
         for name in ["k2.jpg", "k1.png", "k1.json"]:
             info = tarfile.TarInfo(name)
             info.size = 1
-            tar.addfile(info, io.BytesIO(b"x"))
+            tar.addfile(info, io.BytesIO(name[1].encode()))
     folder = [s.path for s in list_sources([str(tmp_path / "a")])]
     assert folder == [str(tmp_path / "a/1.jpg"), str(tmp_path / "a/b/2.PNG")]
     assert [s.path for s in list_sources([str(lst)])] == [str(tmp_path / "c.webp"), str(tmp_path / "a/1.jpg")]
     assert [s.path for s in list_sources([str(tmp_path / "*.webp")])] == [str(tmp_path / "c.webp")]
-    assert [s.member for s in list_sources([str(tar_path)])] == ["k1.png", "k2.jpg"]
+    in_tar = list_sources([str(tar_path)])
+    assert [s.member for s in in_tar] == ["k1.png", "k2.jpg"]
+    assert [s.read_bytes() for s in in_tar] == [b"1", b"2"]
     # Duplicates across inputs are kept once.
     assert len(list_sources([str(tmp_path / "a"), str(lst)])) == 3
     with pytest.raises(FileNotFoundError, match="nothing-here"):

@@ -20,6 +20,10 @@ class Source:
 
     path: str
     member: str | None = None
+    # Where the member's bytes start in the tar and how many: read with one seek, since looking a
+    # member up by name rescans the archive (quadratic over a large shard).
+    offset: int = 0
+    size: int = 0
 
     @property
     def id(self) -> str:
@@ -33,11 +37,23 @@ class Source:
     def read_bytes(self) -> bytes:
         if self.member is None:
             return Path(self.path).read_bytes()
-        with tarfile.open(self.path, "r") as tar:
-            f = tar.extractfile(self.member)
-            if f is None:
-                raise OSError(f"{self.id}: not a regular tar member")
-            return f.read()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.id}: tar member cut short ({len(data)} of {self.size} bytes)")
+        return data
+
+
+def read_recorded_source(path: str, member: str | None) -> bytes:
+    """The bytes of a source named in a sample's JSON (a file, or a member looked up by name)."""
+    if member is None:
+        return Path(path).read_bytes()
+    with tarfile.open(path, "r") as tar:
+        f = tar.extractfile(member)
+        if f is None:
+            raise OSError(f"{path}::{member}: not a regular tar member")
+        return f.read()
 
 
 def sha256(data: bytes) -> str:
@@ -55,8 +71,8 @@ def _is_image_name(name: str) -> bool:
 
 def _tar_sources(path: Path) -> list[Source]:
     with tarfile.open(path, "r") as tar:
-        names = [m.name for m in tar.getmembers() if m.isfile() and _is_image_name(m.name)]
-    return [Source(str(path), name) for name in sorted(names)]
+        members = [m for m in tar.getmembers() if m.isfile() and _is_image_name(m.name)]
+    return [Source(str(path), m.name, m.offset_data, m.size) for m in sorted(members, key=lambda m: m.name)]
 
 
 def _file_list(path: Path) -> list[Source]:
