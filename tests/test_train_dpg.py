@@ -1,0 +1,269 @@
+"""Stage-1 trainer (haodiff_model.train_dpg), the haodiff-train CLI and the GPU benchmark's CPU smoke path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from itertools import islice
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import webdataset as wds
+import yaml
+
+from haodiff_data.shards.schema import encode_sample
+from haodiff_model import bench_gpu
+from haodiff_model.checkpoint import load_dpg_weights
+from haodiff_model.cli import main
+from haodiff_model.distributed import DistContext
+from haodiff_model.dpg import ConfigError, DPGConfig, DPGNetwork
+from haodiff_model.train_dpg import (
+    DPGTrainer, TrainDPGConfig, TrainSettings, build_train_loader, dpg_forward_loss, dpg_train_step, lr_factor,
+    split_holdout,
+)
+from haodiff_model.train_state import CheckpointManager, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+TINY_MODEL = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [3, 3, 2, 2],
+              "window_size": 8, "drop_path_rate": 0.1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, busy 2-core machine two spinning OpenMP threads can make
+    these small steps 100x slower; results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sample(key: str) -> dict:
+    rng = np.random.default_rng([ord(c) for c in key])
+    hq = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    lq = np.clip(hq.astype(np.int16) + rng.integers(-25, 26, hq.shape), 0, 255).astype(np.uint8)
+    mask = np.where(rng.random((SIZE, SIZE)) < 0.3, 255, 0).astype(np.uint8)
+    return encode_sample(key, hq, lq, mask, np.zeros((SIZE, SIZE), np.uint8), {"index": key})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    for s in range(3):
+        with wds.TarWriter(str(root / f"train-r000-{s:06d}.tar"), encoder=False, mtime=0) as tar:
+            for i in range(4):
+                tar.write(_sample(f"s{s}k{i}"))
+    return root
+
+
+def _config(shards: Path, out: Path, **sections) -> dict:
+    cfg = {
+        "model": dict(TINY_MODEL),
+        "data": {"urls": [str(shards)], "batch_size": 2, "num_workers": 0, "epoch_length": 4, "shuffle_buffer": 4,
+                 "pin_memory": False},
+        "train": {"max_steps": 6, "device": "cpu"},
+        "val": {"samples": 2, "every": 3},
+        "output": {"dir": str(out), "log_every": 1, "ckpt_every": 3, "keep_last": 2},
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    return cfg
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(shards: Path) -> None:
+    cfg = TrainDPGConfig.from_dict(_config(shards, Path("unused")))
+    train_urls, _ = split_holdout(cfg)
+    batch = next(iter(build_train_loader(cfg, train_urls, DistContext(), 0)))
+    model = DPGNetwork(cfg.model, torch.Generator().manual_seed(0))
+    model.set_drop_path_generator(torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    cpu = torch.device("cpu")
+
+    def evaluate() -> tuple[float, dict[str, float]]:
+        model.eval()
+        with torch.no_grad():
+            loss, parts, _ = dpg_forward_loss(model, batch, 0.02, None, cpu)
+        model.train()
+        return loss.item(), {k: v.item() for k, v in parts.items()}
+
+    before, parts_before = evaluate()
+    for _ in range(15):
+        loss, parts, norm = dpg_train_step(model, opt, batch, 0.02, 1.0)
+        assert torch.isclose(loss, sum(parts.values())) and norm > 0
+    after, parts_after = evaluate()
+    assert after < 0.8 * before
+    assert all(parts_after[k] < parts_before[k] for k in parts_before)
+
+
+def test_config_file_defaults_and_validation(tmp_path: Path) -> None:
+    cfg = TrainDPGConfig.from_yaml(ROOT / "pipelines" / "train_dpg.yaml")
+    assert cfg.model == DPGConfig.from_yaml(ROOT / "pipelines" / "dpg.yaml")  # the embedded copy stays in sync
+    assert cfg.model == DPGConfig()
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.data.batch_size, cfg.train.dice_weight) == (2e-3, 20000, 16, 0.02)
+    assert cfg.train.betas == (0.9, 0.999) and cfg.train.scheduler == "constant"
+    assert list(cfg.data.urls) == ["shards/*.tar"] and cfg.val.urls == ()
+    assert TrainDPGConfig.from_dict(cfg.to_dict()) == cfg  # round trip
+
+    base = yaml.safe_load((ROOT / "pipelines" / "train_dpg.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) \['learning_rate'\]"):
+        TrainDPGConfig.from_dict({**base, "train": {**base["train"], "learning_rate": 1e-3}})
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['optim'\]"):
+        TrainDPGConfig.from_dict({**base, "optim": {}})
+    with pytest.raises(ConfigError, match="scheduler='linear'"):
+        TrainDPGConfig.from_dict({**base, "train": {**base["train"], "scheduler": "linear"}})
+    path = _write(tmp_path / "c.yaml", base)
+    over = TrainDPGConfig.from_yaml(path, ["train.lr=1e-3", "data.hflip=true", "val.urls=[a.tar]"])
+    assert over.train.lr == 1e-3 and over.data.hflip is True and over.val.urls == ("a.tar",)
+    with pytest.raises(ConfigError, match="train: lr must be float, got 'abc'"):
+        TrainDPGConfig.from_yaml(path, ["train.lr=abc"])
+    with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
+        TrainDPGConfig.from_yaml(path, ["lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"model: unknown key\(s\) \['depth'\]"):
+        TrainDPGConfig.from_yaml(path, ["model.depth=3"])
+
+
+def test_validation_shards_are_held_out(shards: Path) -> None:
+    files = sorted(str(p.resolve()) for p in shards.glob("*.tar"))
+    cfg = TrainDPGConfig.from_dict(_config(shards, Path("unused")))
+    assert split_holdout(cfg) == (files[:2], files[2:])  # the last shard by default
+    cfg = TrainDPGConfig.from_dict(_config(shards, Path("unused"), val={"urls": [files[0]]}))
+    assert split_holdout(cfg) == (files[1:], files[:1])  # explicit validation shards leave training
+    cfg = TrainDPGConfig.from_dict(_config(shards, Path("unused"), val={"every": 0}))
+    assert split_holdout(cfg) == (files, [])
+    cfg = TrainDPGConfig.from_dict(_config(shards, Path("unused"), data={"urls": [files[0]]}))
+    with pytest.raises(ConfigError, match="gives 1 shard"):
+        split_holdout(cfg)
+
+
+def test_lr_schedule_closed_forms() -> None:
+    t = TrainSettings(max_steps=110, warmup_steps=10, scheduler="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, t) == pytest.approx(0.1) and lr_factor(9, t) == pytest.approx(1.0)
+    assert lr_factor(10, t) == pytest.approx(1.0) and lr_factor(110, t) == pytest.approx(0.1)
+    assert lr_factor(60, t) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert all(lr_factor(s, TrainSettings()) == 1.0 for s in (0, 5000, 19999))
+
+
+def test_cli_end_to_end_outputs(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = _write(tmp_path / "c.yaml", _config(shards, tmp_path / "ignored"))
+    assert main(["dpg", "--config", str(config), "--out", str(out), "--max-steps", "4"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val/loss" in r] == [3, 4]
+    for r in records:
+        if "train/loss" in r:
+            parts = r["train/l1_hq"] + r["train/l1_residual"] + r["train/dice"]
+            assert r["train/loss"] == pytest.approx(parts, rel=1e-6) and r["train/lr"] == 2e-3
+    image = cv2.imread(str(out / "val" / "step-00000004.png"))
+    assert image.shape == (2 * (SIZE + 2) + 2, 7 * (SIZE + 2) + 2, 3)  # 2 samples x 7 panels
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    assert (out / "loss.png").is_file() and yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
+    assert [p.name for p in CheckpointManager(out / "checkpoints").checkpoints()] == ["step-00000003", "step-00000004"]
+
+    fresh = DPGNetwork(DPGConfig.from_dict(TINY_MODEL))
+    report = load_dpg_weights(fresh, out / "dpg.pth")  # official layout, strict
+    assert report.ok and any("dead official" in reason for reason in report.ignored.values())
+    trained = CheckpointManager.load(out / "checkpoints" / "step-00000004")["models"]["dpg"]
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+    assert main(["dpg", "--config", str(config), "--out", str(out)]) == 2  # would mix two runs
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
+    cfg = _config(shards, tmp_path / "x", train={"max_steps": 6, "device": "cpu", "warmup_steps": 2})
+    config = _write(tmp_path / "c.yaml", cfg)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["dpg", "--config", str(config), "--out", str(straight)]) == 0
+    assert main(["dpg", "--config", str(config), "--out", str(split), "--max-steps", "3"]) == 0
+    assert main(["dpg", "--config", str(config), "--out", str(split), "--resume"]) == 0
+    expected = _losses(straight)
+    assert [s for s, _ in expected] == [1, 2, 3, 4, 5, 6]
+    assert _losses(split) == expected  # bit-identical floats, drop path and warm-up included
+    a = CheckpointManager.load(straight / "checkpoints" / "step-00000006")
+    b = CheckpointManager.load(split / "checkpoints" / "step-00000006")
+    for name, value in a["models"]["dpg"].items():
+        assert torch.equal(value, b["models"]["dpg"][name]), name
+    assert a["loader_step"] == b["loader_step"] == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from haodiff_model.distributed import init_distributed, shutdown_distributed
+
+    cfg = TrainDPGConfig.from_dict(cfg_dict)
+    ctx = init_distributed("cpu")
+    trainer = DPGTrainer(cfg, ctx, log=lambda m: None)
+    trainer.run()
+    keys = [k for b in islice(build_train_loader(cfg, trainer.train_urls, ctx, 0), 2) for k in b["key"]]
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.model.parameters())).hexdigest()
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps({"keys": keys, "params": digest,
+                                                                "backend": ctx.backend}))
+    shutdown_distributed()
+
+
+def test_two_process_gloo_run_then_resume_on_one_process(shards: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ddp"
+    cfg = _config(shards, out, train={"max_steps": 2, "device": "cpu"}, val={"samples": 2, "every": 2},
+                  output={"dir": str(out), "log_every": 1, "ckpt_every": 2, "keep_last": 2})
+    procs = mp.spawn(_ddp_child, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.terminate()
+            pytest.fail("2-process run did not finish within 120 s")
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["backend"] for r in reports] == ["gloo", "gloo"]
+    assert reports[0]["keys"] != reports[1]["keys"]  # each rank reads its own slice of the stream
+    assert reports[0]["params"] == reports[1]["params"]  # DDP kept the replicas identical
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r] == [1, 2]
+    state = CheckpointManager.load(out / "checkpoints" / "step-00000002")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+    config = _write(tmp_path / "c.yaml", cfg)  # resume the 2-rank run on 1 process
+    assert main(["dpg", "--config", str(config), "--resume", "--max-steps", "3"]) == 0
+    assert "world size 2 -> 1" in capsys.readouterr().out
+    final = CheckpointManager.load(out / "checkpoints" / "step-00000003")
+    assert final["world_size"] == 1 and final["loader_step"] == 3
+    assert all(int(s["step"]) == 3 for s in final["optimizers"]["adam"]["state"].values())
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]
+
+
+def test_bench_gpu_cpu_smoke(capsys: pytest.CaptureFixture) -> None:
+    assert bench_gpu.main(["--json", "--steps", "1", "--warmup", "0", "--runs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["smoke_test"] is True and report["train"]["pass"] is None
+    for name in ("ours", "baseline"):
+        m = report["train"][name]
+        assert m["batch"] == 2 and m["it_per_s"] > 0 and np.isfinite(m["final_loss"])
+    assert report["train"]["ours"]["attention"] == "sdpa" and report["train"]["baseline"]["attention"] == "explicit"
+    variants = report["prompt"]["variants"]
+    assert variants["eager_bf16"]["median_ms"] > 0 and variants["cuda_graph_bf16"] == {"skipped": "needs CUDA"}
