@@ -108,7 +108,7 @@ def init_lora_(unet: nn.Module, generator: torch.Generator) -> None:
     for _, layer in lora_layers(unet):
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
         r = layer.r[ADAPTER]
-        a.copy_(torch.randn(a.shape, generator=generator) / r)
+        a.copy_(torch.randn(a.shape, generator=generator, device=generator.device) / r)
         b.zero_()
 
 
@@ -130,10 +130,22 @@ def add_unet_lora(unet: nn.Module, rank: int = 16, alpha: float = 16.0, targets:
     # Full names only: peft would also match a bare name like "conv" as a suffix anywhere.
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=names),
                      adapter_name=ADAPTER)
+    injected = {n for n, _ in lora_layers(unet)}
+    if injected != set(names):
+        raise ValueError(f"peft put LoRA on {len(injected)} modules, asked for {len(names)}: "
+                         f"not adapted {sorted(set(names) - injected)[:8]}, unasked {sorted(injected - set(names))[:8]}")
     init_lora_(unet, generator if generator is not None else torch.Generator().manual_seed(0))
     for name, param in unet.named_parameters():
         param.requires_grad_(".lora_" in name)
     return names
+
+
+def cast_frozen_(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters of `module` that do not require grad to `dtype` (memory); trainable ones
+    keep their dtype. Half-precision frozen weights need autocast around the forward."""
+    for p in module.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 
 def alphas_cumprod_from_config(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
@@ -184,7 +196,7 @@ class OneStepRestorer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, lora_rank: int | None = 16, lora_alpha: float = 16.0,
                         lora_targets: Sequence[str] | None = None, generator: torch.Generator | None = None,
-                        **kwargs: Any) -> "OneStepRestorer":
+                        **kwargs: Any) -> OneStepRestorer:
         """Load unet/, vae/ and scheduler/ from a local diffusers folder (never the Hub) and add LoRA
         (`lora_rank=None` for the plain base model)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -204,7 +216,7 @@ class OneStepRestorer(nn.Module):
                      vae_config: Mapping[str, Any] = SD21_BASE_VAE_CONFIG,
                      scheduler_config: Mapping[str, Any] = SD21_BASE_SCHEDULER_CONFIG,
                      lora_rank: int | None = 16, lora_alpha: float = 16.0, lora_targets: Sequence[str] | None = None,
-                     generator: torch.Generator | None = None, **kwargs: Any) -> "OneStepRestorer":
+                     generator: torch.Generator | None = None, **kwargs: Any) -> OneStepRestorer:
         """Randomly initialised models from config dicts (tests, benchmarks); weights from diffusers'
         own initialisation, which draws from the global torch RNG."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -227,11 +239,8 @@ class OneStepRestorer(nn.Module):
                 model.disable_gradient_checkpointing()
 
     def cast_frozen_(self, dtype: torch.dtype) -> None:
-        """Cast frozen weights (UNet base, VAE) to `dtype`; trainable LoRA weights stay float32.
-        Run under autocast when `dtype` is a half type."""
-        for p in self.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
+        """Cast frozen weights (UNet base, VAE) to `dtype`; trainable LoRA weights stay float32."""
+        cast_frozen_(self, dtype)
 
     @property
     def abar(self) -> torch.Tensor:
@@ -276,6 +285,6 @@ class OneStepRestorer(nn.Module):
         return RestorerOutput(self.decode(latent), latent)
 
 
-__all__ = ["ADAPTER", "LORA_TARGET_SUFFIXES", "OneStepRestorer", "RestorerOutput", "SD21_BASE_SCHEDULER_CONFIG",
-           "SD21_BASE_UNET_CONFIG", "SD21_BASE_VAE_CONFIG", "add_unet_lora", "alphas_cumprod_from_config",
-           "init_lora_", "lora_layers", "lora_target_modules"]
+__all__ = ["ADAPTER", "LORA_TARGET_SUFFIXES", "SD21_BASE_SCHEDULER_CONFIG", "SD21_BASE_UNET_CONFIG",
+           "SD21_BASE_VAE_CONFIG", "OneStepRestorer", "RestorerOutput", "add_unet_lora", "alphas_cumprod_from_config",
+           "cast_frozen_", "init_lora_", "lora_layers", "lora_target_modules"]

@@ -1,0 +1,923 @@
+"""Stage 2 trainer: the one-step diffusion restorer with dual prompts (paper Sec. 3.3, Eq. 8-11; Sec. 4.1).
+
+Each step, on each rank's batch (LQ, HQ in [-1, 1]):
+  generator      frozen DPG -> prompt embedders (trainable) -> p_pos, p_neg -> OneStepRestorer
+                 (SD2.1-base UNet + LoRA r16, CFG 3.5 at t=199, one batched UNet call) -> I_H, z_H
+                 L = MSE(I_H, HQ) + EA-DISTS(I_H, HQ) + 0.01 * softplus(-D(F(z_H, t)))
+  discriminator  z_HQ = VAE(HQ); z_H (detached) and z_HQ noised to the same random t, one D call;
+                 L_D = softplus(D(F(z_H, t))) + softplus(-D(F(z_HQ, t)))
+D is a pretrained UNet's down path (SDXL base as in the paper; SD2.1 is the lighter option) with a
+trainable head (and optional LoRA). With SDXL, the official embedding_changers, trained with D,
+map the detached positive prompt to SDXL's conditioning (sdxl_cond.py). AdamW for both (lr 1e-5,
+constant), gradient clipping, bf16 autocast with frozen weights stored in bf16 on CUDA, gradient
+checkpointing, optional EMA of the generator's trainable weights (LoRA + prompt embedders).
+The Performer projections are redrawn on performer-pytorch's schedule from a generator shared by
+all ranks.
+
+Outputs under output.dir: metrics.jsonl, tb/, val/step-*.png (LQ | restored | HQ rows), loss.png,
+config.yaml, checkpoints/step-*/{state.pt, img_encoder_weights.pth, pytorch_lora_weights.safetensors}
+and, at the end, the two official files in output.dir (EMA weights when EMA is on). The official
+inference code loads them as they are (model_spec A.4, A.7).
+
+Resume (`--resume`, from checkpoints/latest) restores the trainable weights (LoRA, prompt
+embedders, D head/LoRA, embedding changers), both AdamW states, EMA, step, every rank's RNG
+states (global ones and the VAE-sampling, GAN-timestep and Performer-redraw generators) and the
+data position; frozen weights are re-read from their files. Same world size and data settings:
+exact (bit-for-bit on CPU). Another world size: weights, optimizers and step exact, data streams
+and per-rank generators re-derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from haodiff_model.checkpoint import CheckpointMismatchError, load_dpg_weights, load_img_encoder
+from haodiff_model.data import ShardLoader, ShardStreamConfig, make_loader
+from haodiff_model.discriminator import (
+    LatentDiscriminator,
+    discriminator_gan_loss,
+    generator_gan_loss,
+    noise_to_random_t,
+)
+from haodiff_model.distributed import (
+    DistContext,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    mean_scalars,
+    shutdown_distributed,
+    wrap_ddp,
+)
+from haodiff_model.dpg import ConfigError, DPGConfig, config_from_mapping
+from haodiff_model.lora_io import LORA_FILE, load_lora_weights, lora_modules_in, read_lora_file, save_lora_weights
+from haodiff_model.losses import EdgeAwareDISTS, stage2_loss
+from haodiff_model.osd import OneStepRestorer, RestorerOutput, cast_frozen_, lora_target_modules
+from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig, prepare_dpg_input
+from haodiff_model.sdxl_cond import SDXLConditioner, load_sdxl_conditioner, save_img_encoder_with_changers
+from haodiff_model.train_dpg import apply_overrides, load_val_batch, split_holdout
+from haodiff_model.train_state import (
+    METRICS_FILE,
+    CheckpointManager,
+    MetricLogger,
+    apply_state,
+    capture_rng,
+    collect_state,
+    derive_seed,
+    image_grid,
+    plot_metrics,
+    restore_rng,
+    save_png,
+    to_rgb_uint8,
+)
+
+BACKBONES = ("sdxl", "sd21", "none")
+PRECISIONS = ("bf16", "fp32")
+IMG_ENCODER_FILE = "img_encoder_weights.pth"
+PLACEHOLDER = "/path/to/"  # the shipped config's placeholder paths start with this
+# seed-stream tags, apart from the data streams' and from each other
+_VAE_STREAM, _GAN_STREAM, _REDRAW_STREAM, _INIT_STREAM, _VAL_STREAM = 201, 202, 203, 204, 205
+_STREAM_NEUTRAL = ("max_failures", "timeout_s", "pin_memory")
+LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    pretrained_model: str = ""
+    dpg_weights: str | None = None
+    init_img_encoder: str | None = None
+    init_lora: str | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    timestep: int = 199
+    cfg_scale: float = 3.5
+    sample_latent: bool = True
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.timestep < 1000:
+            raise ValueError(f"invalid lora_rank={self.lora_rank} (>= 1), lora_alpha={self.lora_alpha} (> 0) or "
+                             f"timestep={self.timestep} (0..999)")
+
+
+@dataclass(frozen=True)
+class DiscriminatorSettings:
+    backbone: str = "sdxl"
+    model: str | None = None
+    lora_rank: int = 0
+    head_channels: int = 256
+    head_layers: int = 2
+    head_norm_groups: int = 32
+    t_min: int = 0
+    t_max: int = 1000
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.lora_rank < 0 or self.start_step < 0 or not 0 <= self.t_min < self.t_max <= 1000:
+            raise ValueError(f"invalid lora_rank={self.lora_rank} (>= 0), start_step={self.start_step} (>= 0) or "
+                             f"t range [{self.t_min}, {self.t_max}) (0 <= t_min < t_max <= 1000)")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    vgg16_weights: str = ""
+    dists_weights: str = ""
+    gan_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.gan_weight < 0:
+            raise ValueError(f"gan_weight must be >= 0, got {self.gan_weight}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int = 120_000
+    lr: float = 1e-5
+    disc_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    grad_clip: float | None = 1.0
+    precision: str = "bf16"
+    ema_decay: float | None = None
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_steps": self.max_steps >= 1,
+            "lr": self.lr > 0,
+            "disc_lr": self.disc_lr > 0,
+            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "eps": self.eps > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "precision": self.precision in PRECISIONS,
+            "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
+            "seed": self.seed >= 0,
+            "device": self.device in (None, "cuda", "cpu"),
+        }
+        bad = [n for n, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) +
+                             f" (precision: {PRECISIONS}, ema_decay in (0, 1) or null, device: cuda|cpu|null)")
+
+
+@dataclass(frozen=True)
+class ValSettings:
+    urls: tuple[str, ...] = ()
+    samples: int = 2
+    every: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.every < 0:
+            raise ValueError(f"invalid samples={self.samples!r} (>= 1) or every={self.every!r} (>= 0, 0 = off)")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    dir: str = "runs/osd"
+    log_every: int = 50
+    ckpt_every: int = 2000
+    keep_last: int = 3
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [n for n in ("log_every", "ckpt_every", "keep_last") if getattr(self, n) < 1]
+        if bad:
+            raise ValueError("must be >= 1: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+
+
+def _default_data() -> ShardStreamConfig:
+    return ShardStreamConfig(urls=["shards/*.tar"], batch_size=2)
+
+
+_SECTIONS: dict[str, type] = {
+    "dpg": DPGConfig, "prompt_embedder": PromptEmbedderConfig, "model": ModelSettings,
+    "discriminator": DiscriminatorSettings, "loss": LossSettings, "data": ShardStreamConfig, "train": TrainSettings,
+    "val": ValSettings, "output": OutputSettings,
+}
+
+
+@dataclass(frozen=True)
+class TrainOSDConfig:
+    """The whole stage-2 run; YAML sections as the fields (see pipelines/train_osd.yaml)."""
+
+    dpg: DPGConfig = field(default_factory=DPGConfig)
+    prompt_embedder: PromptEmbedderConfig = field(default_factory=PromptEmbedderConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    data: ShardStreamConfig = field(default_factory=_default_data)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    val: ValSettings = field(default_factory=ValSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "TrainOSDConfig") -> TrainOSDConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+        kwargs = {}
+        for name, value in data.items():
+            value = {} if value is None else value
+            if name == "data":
+                value = {"urls": ["shards/*.tar"], "batch_size": 2, **value}
+            kwargs[name] = config_from_mapping(_SECTIONS[name], value, f"{where}:{name}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainOSDConfig:
+        """Load `path`, then apply "section.key=value" overrides (values parsed as YAML)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path} does not exist")
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        return cls.from_dict(apply_overrides(data, overrides), str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict (tuples as lists); from_dict(to_dict()) == self."""
+        def plain(v: Any) -> Any:
+            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+        return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+                for f in dataclasses.fields(self)}
+
+
+_PATH_KEYS = {
+    "model.pretrained_model": "a diffusers folder of stabilityai/stable-diffusion-2-1-base (unet/, vae/, scheduler/)",
+    "model.dpg_weights": "the stage-1 DPG weights (haodiff-train dpg output or an official stage-1 file)",
+    "model.init_img_encoder": "an img_encoder_weights.pth",
+    "model.init_lora": "a pytorch_lora_weights.safetensors",
+    "discriminator.model": "a diffusers folder with unet/ (SDXL base for backbone sdxl)",
+    "loss.vgg16_weights": "torchvision VGG16 ImageNet weights (vgg16-397923af.pth)",
+    "loss.dists_weights": "the DISTS alpha/beta weights.pt",
+}
+
+
+def resolve_paths(cfg: TrainOSDConfig) -> dict[str, Path]:
+    """Every local file or folder the run reads, checked at once. Unset or placeholder values raise
+    ConfigError, absent ones FileNotFoundError; both name every offending key."""
+    m, d, loss = cfg.model, cfg.discriminator, cfg.loss
+    wanted = {"model.pretrained_model": m.pretrained_model}
+    if m.init_img_encoder:
+        wanted["model.init_img_encoder"] = m.init_img_encoder
+    else:
+        wanted["model.dpg_weights"] = m.dpg_weights
+    if m.init_lora:
+        wanted["model.init_lora"] = m.init_lora
+    if d.backbone != "none":
+        wanted["discriminator.model"] = d.model or (m.pretrained_model if d.backbone == "sd21" else None)
+    wanted["loss.vgg16_weights"] = loss.vgg16_weights
+    wanted["loss.dists_weights"] = loss.dists_weights
+    unset = [k for k, v in wanted.items() if not v or v.startswith(PLACEHOLDER)]
+    if unset:
+        raise ConfigError("set these to local paths: " + "; ".join(f"{k} = {wanted[k]!r} ({_PATH_KEYS[k]})"
+                                                                   for k in unset))
+    absent = [f"{k}: {v}" for k, v in wanted.items() if not Path(v).exists()]
+    if absent:
+        raise FileNotFoundError("these paths do not exist: " + "; ".join(absent))
+    return {k: Path(v) for k, v in wanted.items()}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class Stage2Generator(nn.Module):
+    """LQ -> frozen DPG -> prompt embedders -> one-step restorer. Returns (restorer output, p_pos)."""
+
+    def __init__(self, encoder: DualPromptEncoder, restorer: OneStepRestorer):
+        super().__init__()
+        cross = restorer.unet.config.cross_attention_dim
+        if encoder.prompt_config.embed_dim != cross:
+            raise ConfigError(f"prompt_embedder.embed_dim={encoder.prompt_config.embed_dim} must equal the UNet's "
+                              f"cross_attention_dim={cross}")
+        self.encoder, self.restorer = encoder, restorer
+
+    def forward(self, lq: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[RestorerOutput, torch.Tensor]:
+        pos, neg = self.encoder(prepare_dpg_input(lq, self.encoder.dpg_config.img_size))
+        return self.restorer(lq, pos, neg, generator), pos
+
+
+class Stage2Discriminator(nn.Module):
+    """Latent discriminator plus, for an SDXL backbone, the embedding changers that condition it."""
+
+    def __init__(self, disc: LatentDiscriminator, conditioner: SDXLConditioner | None):
+        super().__init__()
+        self.disc, self.conditioner = disc, conditioner
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, pos: torch.Tensor,
+                image_size: tuple[int, int]) -> torch.Tensor:
+        """Logits for noised latents; `pos` is the (detached) positive prompt, `image_size` the size
+        of the images behind the latents (SDXL time_ids)."""
+        if self.conditioner is None:
+            return self.disc(latents, pos.detach(), timesteps)
+        ehs, added = self.conditioner(pos, image_size)
+        return self.disc(latents, ehs, timesteps, added)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of `module` that train (LoRA, heads), by name, detached."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    own = dict(module.named_parameters())
+    expected = {n for n, p in own.items() if p.requires_grad}
+    if set(state) != expected:
+        raise ConfigError(f"checkpoint {what}: trainable parameters differ; missing {sorted(expected - set(state))[:6]}, "
+                          f"unexpected {sorted(set(state) - expected)[:6]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+
+
+class EMA:
+    """Exponential moving average of named parameters (float32 shadows on their device)."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.params = dict(params)
+        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        names = list(self.params)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [self.params[n].detach().float() for n in names],
+                             1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Within the block the parameters hold the EMA values."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ConfigError("checkpoint EMA: parameter names differ from the model's")
+        for n, v in state.items():
+            self.shadow[n].copy_(v)
+
+
+@dataclass
+class Stage2Parts:
+    """The built (not yet distributed) stage-2 models."""
+
+    encoder: DualPromptEncoder
+    restorer: OneStepRestorer
+    discriminator: LatentDiscriminator | None
+    conditioner: SDXLConditioner | None
+    ea_dists: EdgeAwareDISTS
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_same_arch(cfg: TrainOSDConfig, encoder: DualPromptEncoder, path: Path) -> None:
+    ours = {k: v for k, v in cfg.to_dict()["dpg"].items() if k != "attention"}
+    theirs = {k: v for k, v in encoder.dpg_config.to_swinir_kwargs().items()}
+    diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+    pours, ptheirs = dataclasses.asdict(cfg.prompt_embedder), dataclasses.asdict(encoder.prompt_config)
+    diff += sorted(f"prompt_embedder.{k}" for k in pours if pours[k] != ptheirs[k])
+    if diff:
+        raise ConfigError(f"model.init_img_encoder {path} was trained with another architecture; differing keys: "
+                          f"{diff}. Set the dpg/prompt_embedder sections to the file's values")
+
+
+def build_prompt_encoder(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: list[str]) -> DualPromptEncoder:
+    """Prompt encoder with the stage-1 DPG (model.dpg_weights) or a whole img_encoder file (model.init_img_encoder)."""
+    if "model.init_img_encoder" in paths:
+        path = paths["model.init_img_encoder"]
+        encoder, report = load_img_encoder(path, attention=cfg.dpg.attention)
+        _check_same_arch(cfg, encoder, path)
+        notes.append(str(report))
+        return encoder
+    path = paths["model.dpg_weights"]
+    encoder = DualPromptEncoder(cfg.dpg, cfg.prompt_embedder,
+                                torch.Generator().manual_seed(derive_seed(cfg.train.seed, _INIT_STREAM, 0)))
+    notes.append(str(load_dpg_weights(encoder.feature_extractor, path)))
+    return encoder
+
+
+def build_restorer(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: list[str]) -> OneStepRestorer:
+    """SD2.1-base UNet (+ LoRA, from model.init_lora when given) and VAE from model.pretrained_model."""
+    m = cfg.model
+    targets, lora_file = None, paths.get("model.init_lora")
+    if lora_file is not None:
+        targets, rank = lora_modules_in(read_lora_file(lora_file))
+        if rank != m.lora_rank:
+            raise ConfigError(f"model.init_lora {lora_file} has LoRA rank {rank} but model.lora_rank is {m.lora_rank}")
+    restorer = OneStepRestorer.from_pretrained(
+        paths["model.pretrained_model"], m.lora_rank, m.lora_alpha, targets, torch.Generator().manual_seed(derive_seed(cfg.train.seed,
+                                                                                              _INIT_STREAM, 1)),
+        timestep=m.timestep, cfg_scale=m.cfg_scale, sample_latent=m.sample_latent)
+    if lora_file is not None:
+        if sorted(targets) != sorted(lora_target_modules(restorer.unet)):
+            notes.append(f"model.init_lora: LoRA on the file's {len(targets)} modules (not the default rule)")
+        notes.append(str(load_lora_weights(restorer.unet, lora_file)))
+    return restorer
+
+
+def discriminator_from_unet(unet: nn.Module, d: DiscriminatorSettings, p: PromptEmbedderConfig, seed: int,
+                            gradient_checkpointing: bool = True
+                            ) -> tuple[LatentDiscriminator, SDXLConditioner | None]:
+    """D on a diffusers UNet (SDXL: plus fresh embedding changers); checks it matches `d.backbone`."""
+    sdxl = unet.config.addition_embed_type == "text_time"
+    if sdxl != (d.backbone == "sdxl"):
+        raise ConfigError(f"discriminator.backbone={d.backbone!r} but the discriminator UNet is "
+                          f"{'an SDXL' if sdxl else 'not an SDXL'} UNet")
+    if not sdxl and unet.config.cross_attention_dim != p.embed_dim:
+        raise ConfigError(f"discriminator UNet cross_attention_dim={unet.config.cross_attention_dim} must equal "
+                          f"prompt_embedder.embed_dim={p.embed_dim} (it is conditioned on the positive prompt)")
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # the down/mid blocks D keeps recompute in backward
+    # The head (and D LoRA, via peft) draw their initial weights from the global RNG.
+    torch.manual_seed(derive_seed(seed, _INIT_STREAM, 2))
+    disc = LatentDiscriminator(unet, d.head_channels, d.head_layers, d.head_norm_groups, d.lora_rank)
+    conditioner = None
+    if sdxl:
+        gen = torch.Generator().manual_seed(derive_seed(seed, _INIT_STREAM, 3))
+        conditioner = SDXLConditioner.for_unet(unet.config, p.embed_dim, p.out_tokens, p.light_changer, gen)
+    return disc, conditioner
+
+
+def build_discriminator(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: list[str]
+                        ) -> tuple[LatentDiscriminator | None, SDXLConditioner | None]:
+    """D on the UNet in discriminator.model (none for backbone none); SDXL changers from
+    model.init_img_encoder when that file has them."""
+    from diffusers import UNet2DConditionModel
+
+    d = cfg.discriminator
+    if d.backbone == "none":
+        return None, None
+    folder = paths["discriminator.model"]
+    if not (folder / "unet").is_dir():
+        raise FileNotFoundError(f"discriminator.model: {folder} has no unet/ folder")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    disc, conditioner = discriminator_from_unet(unet, d, cfg.prompt_embedder, cfg.train.seed,
+                                                cfg.model.gradient_checkpointing)
+    if conditioner is not None and "model.init_img_encoder" in paths:
+        try:
+            loaded, report = load_sdxl_conditioner(paths["model.init_img_encoder"])
+        except CheckpointMismatchError as exc:  # an inference-only file has no changers: start them fresh
+            notes.append(f"embedding changers start fresh: {exc}")
+        else:
+            conditioner.load_state_dict(loaded.state_dict())
+            notes.append(str(report))
+    return disc, conditioner
+
+
+def build_parts(cfg: TrainOSDConfig) -> Stage2Parts:
+    """Every stage-2 model from the files the config names (CPU, float32)."""
+    notes: list[str] = []
+    paths = resolve_paths(cfg)
+    ea_dists = EdgeAwareDISTS.from_files(paths["loss.vgg16_weights"], paths["loss.dists_weights"])
+    encoder = build_prompt_encoder(cfg, paths, notes)
+    restorer = build_restorer(cfg, paths, notes)
+    disc, conditioner = build_discriminator(cfg, paths, notes)
+    return Stage2Parts(encoder, restorer, disc, conditioner, ea_dists, notes)
+
+
+# ----------------------------------------------------------------------------- one training step
+
+
+class Stage2Step:
+    """Generator update then discriminator update on one batch; the unit the trainer loops and
+    bench_osd times. Models are moved to `ctx.device`, the frozen UNet/VAE/D-backbone weights cast
+    to bf16 under bf16 precision on CUDA, then wrapped in DDP when distributed."""
+
+    def __init__(self, parts: Stage2Parts, train: TrainSettings, disc: DiscriminatorSettings, loss: LossSettings,
+                 ctx: DistContext, gradient_checkpointing: bool = True):
+        self.train_cfg, self.disc_cfg, self.loss_cfg, self.ctx = train, disc, loss, ctx
+        dev = ctx.device
+        self.amp_dtype = torch.bfloat16 if train.precision == "bf16" and dev.type == "cuda" else None
+        self.generator_module = Stage2Generator(parts.encoder, parts.restorer)
+        self.restorer = parts.restorer
+        self.restorer.enable_gradient_checkpointing(gradient_checkpointing)
+        self.ea_dists = parts.ea_dists.to(dev)
+        self.disc_module = None
+        if parts.discriminator is not None:
+            self.disc_module = Stage2Discriminator(parts.discriminator, parts.conditioner)
+        # Frozen diffusion weights go to bf16 (memory); the frozen DPG stays float32, as it is exported.
+        for module in (self.restorer, self.disc_module):
+            if module is not None and self.amp_dtype is not None:
+                cast_frozen_(module, self.amp_dtype)
+        self.generator_module.to(dev)
+        if self.disc_module is not None:
+            self.disc_module.to(dev)
+        fused = True if dev.type == "cuda" else None
+        self.g_params = {n: p for n, p in self.generator_module.named_parameters() if p.requires_grad}
+        self.opt_g = torch.optim.AdamW(self.g_params.values(), lr=train.lr, betas=train.betas, eps=train.eps,
+                                       weight_decay=train.weight_decay, fused=fused)
+        self.opt_d = None
+        if self.disc_module is not None:
+            d_params = [p for p in self.disc_module.parameters() if p.requires_grad]
+            self.opt_d = torch.optim.AdamW(d_params, lr=train.disc_lr, betas=train.betas, eps=train.eps,
+                                           weight_decay=train.weight_decay, fused=fused)
+        self.ema = EMA(self.g_params, train.ema_decay) if train.ema_decay is not None else None
+        self.vae_gen = torch.Generator(device=dev)
+        self.gan_gen = torch.Generator(device=dev)
+        self.redraw_gen = torch.Generator()  # the same on every rank, as the projection matrices must be
+        self.seed_generators(0)
+        self.generator = wrap_ddp(self.generator_module, ctx)
+        self.disc = wrap_ddp(self.disc_module, ctx) if self.disc_module is not None else None
+
+    def seed_generators(self, step: int) -> None:
+        seed, rank = self.train_cfg.seed, self.ctx.rank
+        self.vae_gen.manual_seed(derive_seed(seed, _VAE_STREAM, rank, step))
+        self.gan_gen.manual_seed(derive_seed(seed, _GAN_STREAM, rank, step))
+        self.redraw_gen.manual_seed(derive_seed(seed, _REDRAW_STREAM, step))
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"vae": self.vae_gen, "gan": self.gan_gen, "redraw": self.redraw_gen}
+
+    def gan_active(self, step: int) -> bool:
+        return self.disc is not None and step >= self.disc_cfg.start_step
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA under bf16 precision, else a no-op."""
+        dev = self.ctx.device.type
+        return torch.autocast(dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def _clip(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
+        clip = self.train_cfg.grad_clip
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """One generator and one discriminator update; returns detached scalars (no host sync)."""
+        dev = self.ctx.device
+        lq = batch["lq"].to(dev, non_blocking=True)
+        hq = batch["hq"].to(dev, non_blocking=True)
+        gan = self.gan_active(step)
+        size = (hq.shape[-2], hq.shape[-1])
+        abar = self.restorer.alphas_cumprod
+        t_range = (self.disc_cfg.t_min, self.disc_cfg.t_max)
+        for performer in self.generator_module.encoder.performers():
+            performer.step_redraw(self.redraw_gen)
+
+        # generator: D is called unwrapped; the grads it gets here are dropped before its own update
+        with self.autocast():
+            out, pos = self.generator(lq, self.vae_gen)
+            gan_g = None
+            if gan:
+                (fake_t,), t = noise_to_random_t([out.latent], abar, self.gan_gen, t_range)
+                gan_g = generator_gan_loss(self.disc_module(fake_t, t, pos, size).float())
+            loss, parts = stage2_loss(out.image.float(), hq, self.ea_dists, gan_g, self.loss_cfg.gan_weight)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = self._clip(list(self.g_params.values()))
+        self.opt_g.step()
+        if self.ema is not None:
+            self.ema.update()
+        zero = torch.zeros((), device=dev)
+        result = {"loss": loss.detach(), "mse": parts["mse"], "ea_dists": parts["ea_dists"],
+                  "gan": parts.get("gan", zero), "grad_norm": norm.detach(), "d_loss": zero, "d_real": zero,
+                  "d_fake": zero, "d_grad_norm": zero}
+        if not gan:
+            return result
+
+        # discriminator: real and fake latents at the same random t, in one call
+        with self.autocast():
+            z_hq = self.restorer.encode(hq, self.vae_gen)
+            (real_t, fake_t), t = noise_to_random_t([z_hq, out.latent.detach()], abar, self.gan_gen, t_range)
+            logits = self.disc(torch.cat([real_t, fake_t]), torch.cat([t, t]), torch.cat([pos, pos]).detach(), size)
+            real, fake = logits.float().chunk(2)
+            d_loss = discriminator_gan_loss(real, fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_norm = self._clip([p for g in self.opt_d.param_groups for p in g["params"]])
+        self.opt_d.step()
+        result.update(d_loss=d_loss.detach(), d_real=real.mean().detach(), d_fake=fake.mean().detach(),
+                      d_grad_norm=d_norm.detach())
+        return result
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The generator holds its EMA weights within the block (no-op without EMA)."""
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            yield
+
+    @torch.no_grad()
+    def restore(self, lq: torch.Tensor, generator: torch.Generator) -> RestorerOutput:
+        """Inference with the current (or, inside ema_weights, EMA) weights, eval mode."""
+        module = self.generator_module
+        was_training = module.training
+        module.eval()
+        try:
+            with self.autocast():
+                out, _ = module(lq.to(self.ctx.device), generator)
+        finally:
+            module.train(was_training)
+        return RestorerOutput(out.image.float(), out.latent.float())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _stream_settings(cfg: TrainOSDConfig, train_urls: list[str]) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg.data)
+    d["urls"] = list(train_urls)
+    for k in _STREAM_NEUTRAL:
+        d.pop(k)
+    return d
+
+
+def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
+    """Write img_encoder_weights.pth (with the embedding changers when D is SDXL) and
+    pytorch_lora_weights.safetensors into `folder`, from the EMA weights when EMA is on."""
+    with step.ema_weights():
+        encoder_file = save_img_encoder_with_changers(step.generator_module.encoder,
+                                                      step.disc_module.conditioner if step.disc_module else None,
+                                                      folder)
+        lora_file = save_lora_weights(step.restorer.unet, folder)
+    return encoder_file, lora_file
+
+
+class OSDTrainer:
+    """Stage-2 training loop; build it on every rank, then `run()`."""
+
+    def __init__(self, cfg: TrainOSDConfig, ctx: DistContext, resume: bool = False,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.ctx = cfg, ctx
+        self.out = Path(cfg.output.dir)
+        self._log = log
+        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.output.keep_last, enabled=ctx.is_main)
+        resolve_paths(cfg)  # name every missing file before anything slow happens
+        state = self._initial_state(resume)
+        self.train_urls, self.val_urls = split_holdout(cfg)
+        parts = build_parts(cfg)
+        for note in parts.notes:
+            self.say(note)
+        self.step_fn = Stage2Step(parts, cfg.train, cfg.discriminator, cfg.loss, ctx, cfg.model.gradient_checkpointing)
+        self.step = 0
+        if state is None:
+            self.step_fn.seed_generators(0)
+        else:
+            self._restore(state)
+        self.loader: ShardLoader = make_loader(dataclasses.replace(cfg.data, urls=self.train_urls), ctx.rank,
+                                               ctx.world_size, self.step)
+        self.val_batch = load_val_batch(cfg, self.val_urls) if ctx.is_main and cfg.val.every else None
+        self.metrics = MetricLogger(self.out, ctx.is_main, cfg.output.tensorboard,
+                                    resume_step=self.step if state is not None else None)
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "config.yaml", "w") as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    def say(self, message: str) -> None:
+        if self.ctx.is_main:
+            self._log(message)
+
+    def _initial_state(self, resume: bool) -> dict[str, Any] | None:
+        """Rank 0 finds and reads the checkpoint and sends it to all ranks (no shared disk needed)."""
+        decision: tuple[str, Any] | None = None
+        if self.ctx.is_main:
+            latest = self.ckpts.latest()
+            if latest is not None and resume:
+                decision = ("resume", (str(latest), CheckpointManager.load(latest)))
+            elif latest is not None:
+                decision = ("error", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
+                                      "to continue that run or choose another output directory"))
+            else:
+                decision = ("fresh", "no checkpoint found, starting from scratch" if resume else "")
+        kind, payload = broadcast_object(decision)
+        if kind == "error":
+            raise FileExistsError(payload)
+        if kind == "fresh":
+            if payload:
+                self.say(payload)
+            return None
+        path, state = payload
+        self.say(f"resuming from {path} (step {state['step']})")
+        return state
+
+    def _models(self) -> dict[str, nn.Module]:
+        models: dict[str, nn.Module] = {"prompt_encoder": self.step_fn.generator_module.encoder}
+        conditioner = self.step_fn.disc_module.conditioner if self.step_fn.disc_module is not None else None
+        if conditioner is not None:
+            models["conditioner"] = conditioner
+        return models
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        s = self.step_fn
+        return {"generator": s.opt_g, **({"discriminator": s.opt_d} if s.opt_d is not None else {})}
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        saved = state["config"]
+        current = self.cfg.to_dict()
+        arch = [("dpg", k) for k in current["dpg"] if k != "attention"]
+        arch += [("prompt_embedder", k) for k in current["prompt_embedder"]]
+        arch += [("model", k) for k in ("lora_rank", "lora_alpha")]
+        arch += [("discriminator", k) for k in ("backbone", "lora_rank", "head_channels", "head_layers",
+                                                "head_norm_groups")]
+        diff = [f"{s}.{k}" for s, k in arch if saved[s].get(k) != current[s][k]]
+        if diff:
+            raise ConfigError(f"the checkpoint's architecture differs in {diff}")
+        s = self.step_fn
+        self.step = apply_state(state, self._models(), self._optimizers(), {})
+        load_trainable_state(s.restorer.unet, state["unet_lora"], "unet_lora")
+        if s.disc_module is not None:
+            load_trainable_state(s.disc_module.disc, state["discriminator"], "discriminator")
+        if s.ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError("train.ema_decay is set but the checkpoint has no EMA; resume without EMA")
+            s.ema.load_state_dict(state["ema"])
+        rank, world = self.ctx.rank, self.ctx.world_size
+        if state["world_size"] == world:
+            restore_rng(state["rng"][rank], s.generators())
+        else:
+            s.seed_generators(self.step)
+            self.say(f"world size {state['world_size']} -> {world}: weights, optimizers and step restored exactly; "
+                     "data streams and per-rank generators re-derived for the new world (not an exact resume)")
+        if state["data"] != _stream_settings(self.cfg, self.train_urls):
+            self.say("data settings differ from the checkpoint's: the data stream restarts at the saved step "
+                     "but is not the one the uninterrupted run would have read")
+
+    def run(self) -> tuple[Path, Path]:
+        """Train to `train.max_steps`; returns the final official files (img_encoder, LoRA)."""
+        t, o = self.cfg.train, self.cfg.output
+        dev = self.ctx.device
+        s = self.step_fn
+        n_train = sum(p.numel() for p in s.g_params.values())
+        n_disc = sum(p.numel() for g in s.opt_d.param_groups for p in g["params"]) if s.opt_d else 0
+        self.say(f"stage 2: {n_train:,} trainable generator parameters, {n_disc:,} discriminator, "
+                 f"D backbone {self.cfg.discriminator.backbone}, {len(self.train_urls)} training shard(s), "
+                 f"world size {self.ctx.world_size}, device {dev}, "
+                 f"{'bf16' if s.amp_dtype else 'fp32'}, step {self.step} -> {t.max_steps}")
+        s.generator.train()
+        if s.disc is not None:
+            s.disc.train()
+        sums = torch.zeros(len(LOG_NAMES), dtype=torch.float64, device=dev)
+        count, wait, tick = 0, 0.0, time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        while self.step < t.max_steps:
+            batches = iter(self.loader)
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break  # end of the loader's epoch: the next pass continues the stream
+                wait += time.perf_counter() - t0
+                scalars = s(batch, self.step)
+                self.step += 1
+                sums += torch.stack([scalars[k] for k in LOG_NAMES]).to(torch.float64)
+                count += 1
+                if self.loader.step != self.step:
+                    raise RuntimeError(f"loader at batch {self.loader.step} but trainer at step {self.step}")
+                last = self.step == t.max_steps
+                if self.step % o.log_every == 0 or last:
+                    self._log_train(sums / count, count, wait, time.perf_counter() - tick, batch["hq"].shape[0])
+                    sums.zero_()
+                    count, wait, tick = 0, 0.0, time.perf_counter()
+                paused = time.perf_counter()
+                if self.cfg.val.every and (self.step % self.cfg.val.every == 0 or last):
+                    self.validate()
+                if self.step % o.ckpt_every == 0 or last:
+                    self.save()
+                tick += time.perf_counter() - paused
+        return self.finish()
+
+    def _log_train(self, means: torch.Tensor, count: int, wait: float, elapsed: float, batch_size: int) -> None:
+        metrics = mean_scalars({f"train/{k}": v for k, v in zip(LOG_NAMES, means)}, self.ctx.device)
+        if not math.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(f"step {self.step}: non-finite loss {metrics}; resume from the last checkpoint "
+                                     f"({self.ckpts.latest()}) with a lower lr or stronger clipping")
+        metrics["train/it_per_s"] = count / elapsed
+        metrics["train/samples_per_s"] = count * batch_size * self.ctx.world_size / elapsed
+        metrics["train/data_wait_frac"] = wait / elapsed
+        if self.ctx.device.type == "cuda":
+            metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        self.metrics.log(self.step, metrics)
+        m = {k.removeprefix("train/"): v for k, v in metrics.items()}
+        self.say(f"step {self.step}/{self.cfg.train.max_steps}  loss {m['loss']:.4f} (mse {m['mse']:.4f} "
+                 f"ea {m['ea_dists']:.4f} gan {m['gan']:.4f})  D {m['d_loss']:.4f} (real {m['d_real']:+.2f} "
+                 f"fake {m['d_fake']:+.2f})  |g| {m['grad_norm']:.3f}  {m['it_per_s']:.2f} it/s  "
+                 f"data wait {100 * m['data_wait_frac']:.0f}%")
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float] | None:
+        """Losses and an LQ | restored | HQ grid on the fixed held-out batch (rank 0, EMA weights if on)."""
+        if not self.ctx.is_main or self.val_batch is None:
+            return None
+        s = self.step_fn
+        gen = torch.Generator(device=self.ctx.device).manual_seed(derive_seed(self.cfg.train.seed, _VAL_STREAM))
+        with s.ema_weights():
+            out = s.restore(self.val_batch["lq"], gen)
+        hq = self.val_batch["hq"].to(self.ctx.device)
+        with s.autocast():
+            _, parts = stage2_loss(out.image, hq, s.ea_dists)
+        metrics = {"val/loss": float(sum(v.item() for v in parts.values())),
+                   **{f"val/{k}": v.item() for k, v in parts.items()}}
+        self.metrics.log(self.step, metrics)
+        rows = [[to_rgb_uint8(self.val_batch["lq"][i]), to_rgb_uint8(out.image[i]), to_rgb_uint8(self.val_batch["hq"][i])]
+                for i in range(out.image.shape[0])]
+        grid = image_grid(rows)
+        save_png(self.out / "val" / f"step-{self.step:08d}.png", grid)
+        self.metrics.log_image("val/grid", self.step, grid)
+        self.metrics.flush()
+        self._plot()
+        self.say(f"step {self.step}  val loss {metrics['val/loss']:.4f}")
+        return metrics
+
+    def _plot(self) -> None:
+        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png",
+                     ["train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss"])
+
+    def save(self) -> Path | None:
+        """Resumable state of all ranks plus the official files, written by rank 0."""
+        s = self.step_fn
+        rng = all_gather_objects(capture_rng(s.generators()))
+        if not self.ctx.is_main:
+            return None
+        state = collect_state(
+            self.step, self._models(), self._optimizers(), {}, rng=rng, world_size=self.ctx.world_size,
+            loader_step=self.loader.step, data=_stream_settings(self.cfg, self.train_urls), config=self.cfg.to_dict(),
+            unet_lora=trainable_state(s.restorer.unet),
+            discriminator=trainable_state(s.disc_module.disc) if s.disc_module is not None else None,
+            ema=s.ema.state_dict() if s.ema is not None else None)
+        path = self.ckpts.save(self.step, state, extra=lambda folder: export_official(s, folder))
+        self.say(f"saved {path}")
+        return path
+
+    def finish(self) -> tuple[Path, Path]:
+        files = (self.out / IMG_ENCODER_FILE, self.out / LORA_FILE)
+        if self.ctx.is_main:
+            latest = self.ckpts.latest()
+            if latest is not None and latest.name == self.ckpts.path_for(self.step).name:
+                for f in files:
+                    shutil.copyfile(latest / f.name, f)
+            else:
+                export_official(self.step_fn, self.out)
+            if (self.out / METRICS_FILE).is_file():
+                self._plot()
+            self.say(f"done at step {self.step}: {files[0]}, {files[1]}")
+        self.metrics.close()
+        barrier()
+        return files
+
+
+def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """Run stage 2 in this process (joins the launcher's process group if there is one)."""
+    ctx = init_distributed(cfg.train.device)
+    return OSDTrainer(cfg, ctx, resume, log).run()
+
+
+def config_from_args(args: argparse.Namespace) -> TrainOSDConfig:
+    """The YAML at args.config with --set overrides, then --max-steps and --out."""
+    cfg = TrainOSDConfig.from_yaml(args.config, list(args.set or []))
+    if args.max_steps is not None:
+        cfg = dataclasses.replace(cfg, train=config_from_mapping(
+            TrainSettings, {**dataclasses.asdict(cfg.train), "max_steps": args.max_steps}, "--max-steps"))
+    if args.out is not None:
+        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(args.out)))
+    return cfg
+
+
+def main_osd(args: argparse.Namespace) -> int:
+    """`haodiff-train osd` (arguments from haodiff_model.cli)."""
+    cfg = config_from_args(args)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+__all__ = ["EMA", "DiscriminatorSettings", "LossSettings", "ModelSettings", "OSDTrainer", "OutputSettings",
+           "Stage2Discriminator", "Stage2Generator", "Stage2Parts", "Stage2Step", "TrainOSDConfig", "TrainSettings",
+           "ValSettings", "build_discriminator", "build_parts", "build_prompt_encoder", "build_restorer",
+           "config_from_args", "discriminator_from_unet", "export_official", "load_trainable_state", "main_osd",
+           "resolve_paths", "train", "trainable_state"]

@@ -1,0 +1,208 @@
+"""Stage-2 trainer on tiny models written to disk and loaded by the real loaders: the shipped
+config parses, missing paths are named, a few steps reduce the loss on a fixed batch, a resumed run
+reproduces the uninterrupted one bit for bit, and the exported official files load back."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import yaml
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+
+from haodiff_data.shards.schema import encode_sample  # noqa: E402
+from haodiff_model.bench_osd import (  # noqa: E402
+    TINY_DPG,
+    TINY_PROMPT,
+    TINY_SDXL_UNET_CONFIG,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+)
+from haodiff_model.checkpoint import load_img_encoder, save_dpg  # noqa: E402
+from haodiff_model.distributed import DistContext  # noqa: E402
+from haodiff_model.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
+from haodiff_model.dpg import ConfigError, DPGNetwork  # noqa: E402
+from haodiff_model.lora_io import load_lora_weights  # noqa: E402
+from haodiff_model.osd import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
+from haodiff_model.sdxl_cond import load_sdxl_conditioner  # noqa: E402
+from haodiff_model.train_osd import OSDTrainer, Stage2Step, TrainOSDConfig, build_parts  # noqa: E402
+from haodiff_model.train_state import read_metrics  # noqa: E402
+from haodiff_model.vgg import vgg16_features  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 32
+PROMPT = {**TINY_PROMPT, "feature_redraw_interval": 2}  # the redraw schedule takes part in the resume check
+CPU = DistContext()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_onednn():
+    """oneDNN compiles kernels for every new conv shape on first use (4-20 s for the first stage-2 step
+    of these tiny models on 2 busy cores, against 0.4 s per step after); the native CPU kernels don't."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = previous
+
+
+def _write_shards(root: Path, shards: int = 3, per_shard: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"train-r000-{s:06d}.tar"), encoder=False, mtime=0) as tar:
+            for i in range(per_shard):
+                hq = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+                lq = np.clip(hq.astype(np.int16) + rng.integers(-40, 41, hq.shape), 0, 255).astype(np.uint8)
+                mask = np.zeros((SIZE, SIZE), np.uint8)
+                tar.write(encode_sample(f"s{s}k{i}", hq, lq, mask, mask, {"index": i}))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny SD2.1-like and SDXL-like diffusers folders, stage-1 DPG, VGG16 / DISTS weights, shards."""
+    root = tmp_path_factory.mktemp("osd")
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(TINY_UNET_CONFIG).save_pretrained(root / "sd" / "unet")
+    AutoencoderKL.from_config(TINY_VAE_CONFIG).save_pretrained(root / "sd" / "vae")
+    DDIMScheduler.from_config(SD21_BASE_SCHEDULER_CONFIG).save_pretrained(root / "sd" / "scheduler")
+    UNet2DConditionModel.from_config(TINY_SDXL_UNET_CONFIG).save_pretrained(root / "sdxl" / "unet")
+    cfg = TrainOSDConfig.from_dict({"dpg": TINY_DPG})
+    save_dpg(DPGNetwork(cfg.dpg, torch.Generator().manual_seed(1)), root / "dpg.pth")
+    torch.save({f"features.{k}": v for k, v in vgg16_features().state_dict().items()}, root / "vgg16.pth")
+    g = torch.Generator().manual_seed(2)
+    shape = (1, DISTS_TOTAL_CHANNELS, 1, 1)
+    torch.save({"alpha": 0.1 + torch.rand(shape, generator=g), "beta": 0.1 + torch.rand(shape, generator=g)},
+               root / "dists.pt")
+    (root / "shards").mkdir()
+    _write_shards(root / "shards")
+    return root
+
+
+def _config(files: Path, out: Path, **sections) -> TrainOSDConfig:
+    """The shipped pipelines/train_osd.yaml with tiny models and local paths patched in."""
+    with open(ROOT / "pipelines" / "train_osd.yaml") as f:
+        data = yaml.safe_load(f)
+    patch = {
+        "dpg": TINY_DPG,
+        "prompt_embedder": PROMPT,
+        "model": {"pretrained_model": str(files / "sd"), "dpg_weights": str(files / "dpg.pth")},
+        "discriminator": {"model": str(files / "sdxl"), "head_channels": 16, "head_norm_groups": 8},
+        "loss": {"vgg16_weights": str(files / "vgg16.pth"), "dists_weights": str(files / "dists.pt")},
+        "data": {"urls": [str(files / "shards")], "num_workers": 0, "epoch_length": 3, "shuffle_buffer": 4,
+                 "pin_memory": False},
+        "train": {"lr": 1e-3, "disc_lr": 1e-3, "device": "cpu", "precision": "fp32"},
+        "val": {"every": 2},
+        "output": {"dir": str(out), "log_every": 1, "ckpt_every": 2, "tensorboard": False},
+    }
+    for name, values in list(patch.items()) + list(sections.items()):
+        data[name] = {**(data.get(name) or {}), **values}
+    return TrainOSDConfig.from_dict(data, "test config")
+
+
+def test_shipped_config_parses_and_placeholders_are_named(files, tmp_path):
+    with open(ROOT / "pipelines" / "train_osd.yaml") as f:
+        shipped = yaml.safe_load(f)
+    with open(ROOT / "pipelines" / "dpg.yaml") as f:
+        dpg = yaml.safe_load(f)
+    assert shipped["dpg"] == dpg["dpg"] and shipped["prompt_embedder"] == dpg["prompt_embedder"]
+    cfg = TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml")
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.timestep, cfg.model.cfg_scale) == (16, 16.0, 199, 3.5)
+    assert (cfg.train.lr, cfg.data.batch_size, cfg.loss.gan_weight) == (1e-5, 2, 0.01)
+    assert TrainOSDConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="set these to local paths") as err:
+        build_parts(cfg)
+    for key in ("model.pretrained_model", "model.dpg_weights", "discriminator.model", "loss.vgg16_weights",
+                "loss.dists_weights"):
+        assert f"{key} = '/path/to/" in str(err.value)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lora_rnak'\]"):
+        TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml", ["model.lora_rnak=8"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        TrainOSDConfig.from_dict({"modle": {}})
+    missing = _config(files, tmp_path, model={"pretrained_model": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="do not exist: model.pretrained_model: .*nowhere"):
+        build_parts(missing)
+    wrong = _config(files, tmp_path, discriminator={"model": str(files / "sd")})
+    with pytest.raises(ConfigError, match="is not an SDXL UNet"):
+        build_parts(wrong)
+
+
+def _fixed_batch(files: Path) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    hq = torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1
+    return {"hq": hq, "lq": (hq + 0.3 * torch.randn(hq.shape, generator=g)).clamp(-1, 1)}
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "sd21", "none"])
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(files, tmp_path, backbone):
+    folder = {"sdxl": "sdxl", "sd21": "sd", "none": "sd"}[backbone]
+    cfg = _config(files, tmp_path, discriminator={"backbone": backbone, "model": str(files / folder)},
+                  model={"sample_latent": False})
+    step = Stage2Step(build_parts(cfg), cfg.train, cfg.discriminator, cfg.loss, CPU)
+    batch = _fixed_batch(files)
+    trainable = {n: p.detach().clone() for n, p in step.g_params.items()}
+    d_params = [p for g in step.opt_d.param_groups for p in g["params"]] if step.opt_d else []
+    d_before = [p.detach().clone() for p in d_params]
+    losses = [step(batch, i) for i in range(6)]
+    totals = [r["mse"].item() + r["ea_dists"].item() for r in losses]
+    assert all(np.isfinite(totals)) and totals[-1] < 0.9 * totals[0], totals
+    gan = backbone != "none"
+    assert all((r["d_loss"].item() > 0) == gan and (r["gan"].item() > 0) == gan for r in losses)
+    moved = {n.split(".")[0] for n, p in step.g_params.items() if not torch.equal(p, trainable[n])}
+    assert moved == {"encoder", "restorer"}  # prompt embedders and UNet LoRA both train
+    assert bool(d_params) == gan and all(not torch.equal(a, b) for a, b in zip(d_before, d_params))
+    if backbone == "sdxl":  # the embedding changers train with D
+        changers = {id(p) for p in step.disc_module.conditioner.parameters()}
+        assert changers and changers <= {id(p) for p in d_params}
+    assert all(not p.requires_grad for p in step.generator_module.encoder.feature_extractor.parameters())
+    assert gan == (step.disc is not None)
+
+
+def _losses(out: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["train/loss"], r["train/d_loss"]) for r in read_metrics(out / "metrics.jsonl")
+            if "train/loss" in r]
+
+
+def test_resume_reproduces_the_uninterrupted_run_and_exports_load(files, tmp_path):
+    straight = _config(files, tmp_path / "straight", train={"max_steps": 4, "ema_decay": 0.5})
+    enc_file, lora_file = OSDTrainer(straight, CPU, log=lambda m: None).run()
+    reference = _losses(tmp_path / "straight")
+    assert [s for s, _, _ in reference] == [1, 2, 3, 4]
+
+    first = _config(files, tmp_path / "resumed", train={"max_steps": 2, "ema_decay": 0.5})
+    OSDTrainer(first, CPU, log=lambda m: None).run()
+    second = dataclasses.replace(first, train=dataclasses.replace(first.train, max_steps=4))
+    with pytest.raises(FileExistsError, match="--resume"):
+        OSDTrainer(second, CPU, log=lambda m: None)
+    OSDTrainer(second, CPU, resume=True, log=lambda m: None).run()
+    assert _losses(tmp_path / "resumed") == reference  # bit for bit, D included
+    val = [r["val/loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "val/loss" in r]
+    assert val == [r["val/loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val/loss" in r]
+    assert len(val) == 2 and (tmp_path / "resumed" / "val" / "step-00000004.png").is_file()
+    resumed_dir = tmp_path / "resumed"
+    assert torch.equal(torch.load(resumed_dir / "img_encoder_weights.pth")["model_state_dict"][
+        "main_performer.linear_embed.weight"], torch.load(enc_file)["model_state_dict"][
+        "main_performer.linear_embed.weight"])
+
+    # the exported official files load into fresh models (ours and the official layouts)
+    encoder, report = load_img_encoder(enc_file)
+    assert report.ok and any(r.startswith("official training-only") for r in report.ignored_by_reason())
+    conditioner, creport = load_sdxl_conditioner(enc_file)
+    assert creport.ok
+    parts = build_parts(_config(files, tmp_path / "fresh"))
+    assert load_lora_weights(parts.restorer.unet, lora_file).ok
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in load_file(str(lora_file)))
+    # start a new run from the exported files (official weights load into ours)
+    cont = _config(files, tmp_path / "continued", model={"init_img_encoder": str(enc_file),
+                                                         "init_lora": str(lora_file)})
+    parts = build_parts(cont)
+    assert torch.equal(parts.encoder.main_performer.linear_embed.weight,
+                       encoder.main_performer.linear_embed.weight)
+    assert torch.equal(parts.conditioner.embedding_changer1.linear1.weight,
+                       conditioner.embedding_changer1.linear1.weight)
