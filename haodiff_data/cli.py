@@ -29,7 +29,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default: all cores); output bytes do not depend on it")
     p.add_argument("--prefix", default="haodiff", help="shard file prefix: PREFIX-rNODE-SHARD.tar (default: haodiff)")
     p.add_argument("--samples-per-shard", type=int, default=None,
-                   help="samples per shard file (default: the recipe's shards.samples_per_shard)")
+                   help="samples per shard file; a shard closes at the first source-image boundary past it "
+                        "(default: the recipe's shards.samples_per_shard)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out: no duplicated and no missing samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
