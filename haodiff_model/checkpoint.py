@@ -244,12 +244,25 @@ def _target_file(path: str | Path) -> Path:
     return path / IMG_ENCODER_FILE
 
 
-def save_img_encoder(encoder: DualPromptEncoder, path: str | Path, official_layout: bool = True) -> Path:
-    """Write `img_encoder_weights.pth` into directory `path` (or to `path` if it ends in .pth)."""
+def save_img_encoder(encoder: DualPromptEncoder, path: str | Path, official_layout: bool = True,
+                     extra: Mapping[str, nn.Module] | None = None) -> Path:
+    """Write `img_encoder_weights.pth` into directory `path` (or to `path` if it ends in .pth).
+
+    `extra` modules are stored next to the encoder's keys under `name.` (the official training-mode
+    file holds the SDXL embedding_changer1/2 this way). The file appears complete or not at all.
+    """
     sd = official_state_dict(encoder) if official_layout else encoder.state_dict()
+    for name, module in (extra or {}).items():
+        sd.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     target = _target_file(path)
+    # Written under its own name in a scratch folder (torch.save names the archive inside after the
+    # file, as the official file has it), then moved into place.
+    scratch = target.parent / f".tmp-{target.name}"
+    scratch.mkdir(exist_ok=True)
     torch.save({"model_state_dict": _cpu_state(sd), "swinir_kwargs": encoder.swinir_kwargs,
-                "performer_kwargs": encoder.performer_kwargs}, target)
+                "performer_kwargs": encoder.performer_kwargs}, scratch / target.name)
+    (scratch / target.name).replace(target)
+    scratch.rmdir()
     return target
 
 

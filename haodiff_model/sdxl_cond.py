@@ -32,7 +32,7 @@ from haodiff_model.checkpoint import (
     CheckpointMismatchError,
     LoadReport,
     load_state_dict_checked,
-    official_state_dict,
+    save_img_encoder,
 )
 from haodiff_model.prompt import AttentionPool, DualPromptEncoder
 from haodiff_model.swin import init_default_
@@ -165,21 +165,6 @@ class SDXLConditioner(nn.Module):
         return ehs, {"text_embeds": text_embeds, "time_ids": time_ids}
 
 
-def changer_state_dict(conditioner: SDXLConditioner) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in conditioner.state_dict().items() if k.startswith(CHANGER_PREFIXES)}
-
-
-def _cpu_copies(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies that keep tensors shared in `sd` shared (performer duplicates are stored once)."""
-    moved: dict[int, torch.Tensor] = {}
-    out = {}
-    for k, v in sd.items():
-        if id(v) not in moved:
-            moved[id(v)] = v.detach().cpu()
-        out[k] = moved[id(v)]
-    return out
-
-
 def save_img_encoder_with_changers(encoder: DualPromptEncoder, conditioner: SDXLConditioner | None,
                                    path: str | Path) -> Path:
     """`img_encoder_weights.pth` as the official adapter saves it in training mode: the official
@@ -188,17 +173,11 @@ def save_img_encoder_with_changers(encoder: DualPromptEncoder, conditioner: SDXL
     if conditioner is not None and conditioner.light != light:
         raise ValueError(f"conditioner light={conditioner.light} but the prompt config says light_changer={light}; "
                          "the official loader builds embedding_changer2 from light_changer")
-    sd = official_state_dict(encoder)
+    changers = None
     if conditioner is not None:
-        sd.update(changer_state_dict(conditioner))
-    path = Path(path)
-    target = path if path.suffix in (".pth", ".pt") else path / IMG_ENCODER_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save({"model_state_dict": _cpu_copies(sd), "swinir_kwargs": encoder.swinir_kwargs,
-                "performer_kwargs": encoder.performer_kwargs}, tmp)
-    tmp.replace(target)
-    return target
+        names = [prefix.removesuffix(".") for prefix in CHANGER_PREFIXES]
+        changers = {name: getattr(conditioner, name) for name in names}
+    return save_img_encoder(encoder, path, extra=changers)
 
 
 def load_sdxl_conditioner(path: str | Path, strict: bool = True,
@@ -231,4 +210,4 @@ def load_sdxl_conditioner(path: str | Path, strict: bool = True,
 
 
 __all__ = ["CHANGER_PREFIXES", "SDXL_BASE_UNET_CONFIG", "AttentionPoolingLayer", "LinearTransform", "SDXLConditioner",
-           "TwoLayerLinear", "changer_state_dict", "load_sdxl_conditioner", "save_img_encoder_with_changers"]
+           "TwoLayerLinear", "load_sdxl_conditioner", "save_img_encoder_with_changers"]

@@ -33,65 +33,39 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import shutil
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from haodiff_model.checkpoint import CheckpointMismatchError, load_dpg_weights, load_img_encoder
-from haodiff_model.data import ShardLoader, ShardStreamConfig, make_loader
+from haodiff_model.data import ShardStreamConfig
 from haodiff_model.discriminator import (
     LatentDiscriminator,
     discriminator_gan_loss,
     generator_gan_loss,
     noise_to_random_t,
 )
-from haodiff_model.distributed import (
-    DistContext,
-    all_gather_objects,
-    barrier,
-    broadcast_object,
-    init_distributed,
-    mean_scalars,
-    shutdown_distributed,
-    wrap_ddp,
-)
-from haodiff_model.dpg import ConfigError, DPGConfig, config_from_mapping
+from haodiff_model.distributed import DistContext, init_distributed, wrap_ddp
+from haodiff_model.dpg import ConfigError, DPGConfig
 from haodiff_model.lora_io import LORA_FILE, load_lora_weights, lora_modules_in, read_lora_file, save_lora_weights
 from haodiff_model.losses import EdgeAwareDISTS, stage2_loss
 from haodiff_model.osd import OneStepRestorer, RestorerOutput, cast_frozen_, lora_target_modules
 from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig, prepare_dpg_input
 from haodiff_model.sdxl_cond import SDXLConditioner, load_sdxl_conditioner, save_img_encoder_with_changers
-from haodiff_model.train_dpg import apply_overrides, load_val_batch, split_holdout
-from haodiff_model.train_state import (
-    METRICS_FILE,
-    CheckpointManager,
-    MetricLogger,
-    apply_state,
-    capture_rng,
-    collect_state,
-    derive_seed,
-    image_grid,
-    plot_metrics,
-    restore_rng,
-    save_png,
-    to_rgb_uint8,
+from haodiff_model.train_state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
+from haodiff_model.trainer_common import (
+    PRECISIONS, OutputSettings, RunConfig, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
 )
 
 BACKBONES = ("sdxl", "sd21", "none")
-PRECISIONS = ("bf16", "fp32")
 IMG_ENCODER_FILE = "img_encoder_weights.pth"
 PLACEHOLDER = "/path/to/"  # the shipped config's placeholder paths start with this
 # seed-stream tags, apart from the data streams' and from each other
 _VAE_STREAM, _GAN_STREAM, _REDRAW_STREAM, _INIT_STREAM, _VAL_STREAM = 201, 202, 203, 204, 205
-_STREAM_NEUTRAL = ("max_failures", "timeout_s", "pin_memory")
-LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
 
 
 # ----------------------------------------------------------------------------- config
@@ -182,88 +156,21 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class ValSettings:
-    urls: tuple[str, ...] = ()
-    samples: int = 2
-    every: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.samples < 1 or self.every < 0:
-            raise ValueError(f"invalid samples={self.samples!r} (>= 1) or every={self.every!r} (>= 0, 0 = off)")
-
-
-@dataclass(frozen=True)
-class OutputSettings:
-    dir: str = "runs/osd"
-    log_every: int = 50
-    ckpt_every: int = 2000
-    keep_last: int = 3
-    tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        bad = [n for n in ("log_every", "ckpt_every", "keep_last") if getattr(self, n) < 1]
-        if bad:
-            raise ValueError("must be >= 1: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
-
-
-def _default_data() -> ShardStreamConfig:
-    return ShardStreamConfig(urls=["shards/*.tar"], batch_size=2)
-
-
-_SECTIONS: dict[str, type] = {
-    "dpg": DPGConfig, "prompt_embedder": PromptEmbedderConfig, "model": ModelSettings,
-    "discriminator": DiscriminatorSettings, "loss": LossSettings, "data": ShardStreamConfig, "train": TrainSettings,
-    "val": ValSettings, "output": OutputSettings,
-}
-
-
-@dataclass(frozen=True)
-class TrainOSDConfig:
+class TrainOSDConfig(RunConfig):
     """The whole stage-2 run; YAML sections as the fields (see pipelines/train_osd.yaml)."""
+
+    RUN_DEFAULTS = {"data": {"urls": ["shards/*.tar"], "batch_size": 2}, "val": {"samples": 2},
+                    "output": {"dir": "runs/osd"}}
 
     dpg: DPGConfig = field(default_factory=DPGConfig)
     prompt_embedder: PromptEmbedderConfig = field(default_factory=PromptEmbedderConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
     discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
     loss: LossSettings = field(default_factory=LossSettings)
-    data: ShardStreamConfig = field(default_factory=_default_data)
+    data: ShardStreamConfig = field(default_factory=lambda: TrainOSDConfig.run_default("data"))
     train: TrainSettings = field(default_factory=TrainSettings)
-    val: ValSettings = field(default_factory=ValSettings)
-    output: OutputSettings = field(default_factory=OutputSettings)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "TrainOSDConfig") -> TrainOSDConfig:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(_SECTIONS))
-        if unknown:
-            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
-        kwargs = {}
-        for name, value in data.items():
-            value = {} if value is None else value
-            if name == "data":
-                value = {"urls": ["shards/*.tar"], "batch_size": 2, **value}
-            kwargs[name] = config_from_mapping(_SECTIONS[name], value, f"{where}:{name}")
-        return cls(**kwargs)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainOSDConfig:
-        """Load `path`, then apply "section.key=value" overrides (values parsed as YAML)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config {path} does not exist")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        return cls.from_dict(apply_overrides(data, overrides), str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-ready dict (tuples as lists); from_dict(to_dict()) == self."""
-        def plain(v: Any) -> Any:
-            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-        return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
-                for f in dataclasses.fields(self)}
+    val: ValSettings = field(default_factory=lambda: TrainOSDConfig.run_default("val"))
+    output: OutputSettings = field(default_factory=lambda: TrainOSDConfig.run_default("output"))
 
 
 _PATH_KEYS = {
@@ -522,7 +429,7 @@ class Stage2Step:
                  ctx: DistContext, gradient_checkpointing: bool = True):
         self.train_cfg, self.disc_cfg, self.loss_cfg, self.ctx = train, disc, loss, ctx
         dev = ctx.device
-        self.amp_dtype = torch.bfloat16 if train.precision == "bf16" and dev.type == "cuda" else None
+        self.amp_dtype = autocast_dtype(train.precision, dev)
         self.generator_module = Stage2Generator(parts.encoder, parts.restorer)
         self.restorer = parts.restorer
         self.restorer.enable_gradient_checkpointing(gradient_checkpointing)
@@ -646,14 +553,6 @@ class Stage2Step:
 # ----------------------------------------------------------------------------- the run
 
 
-def _stream_settings(cfg: TrainOSDConfig, train_urls: list[str]) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg.data)
-    d["urls"] = list(train_urls)
-    for k in _STREAM_NEUTRAL:
-        d.pop(k)
-    return d
-
-
 def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
     """Write img_encoder_weights.pth (with the embedding changers when D is SDXL) and
     pytorch_lora_weights.safetensors into `folder`, from the EMA weights when EMA is on."""
@@ -665,15 +564,16 @@ def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
     return encoder_file, lora_file
 
 
-class OSDTrainer:
+class OSDTrainer(Trainer):
     """Stage-2 training loop; build it on every rank, then `run()`."""
+
+    LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
+    PLOT_KEYS = ("train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss")
+    OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE)
 
     def __init__(self, cfg: TrainOSDConfig, ctx: DistContext, resume: bool = False,
                  log: Callable[[str], None] = print):
-        self.cfg, self.ctx = cfg, ctx
-        self.out = Path(cfg.output.dir)
-        self._log = log
-        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.output.keep_last, enabled=ctx.is_main)
+        super().__init__(cfg, ctx, log)
         resolve_paths(cfg)  # name every missing file before anything slow happens
         state = self._initial_state(resume)
         self.train_urls, self.val_urls = split_holdout(cfg)
@@ -681,58 +581,31 @@ class OSDTrainer:
         for note in parts.notes:
             self.say(note)
         self.step_fn = Stage2Step(parts, cfg.train, cfg.discriminator, cfg.loss, ctx, cfg.model.gradient_checkpointing)
-        self.step = 0
         if state is None:
             self.step_fn.seed_generators(0)
         else:
             self._restore(state)
-        self.loader: ShardLoader = make_loader(dataclasses.replace(cfg.data, urls=self.train_urls), ctx.rank,
-                                               ctx.world_size, self.step)
-        self.val_batch = load_val_batch(cfg, self.val_urls) if ctx.is_main and cfg.val.every else None
-        self.metrics = MetricLogger(self.out, ctx.is_main, cfg.output.tensorboard,
-                                    resume_step=self.step if state is not None else None)
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "config.yaml", "w") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        self._start_run(resumed=state is not None)
 
-    def say(self, message: str) -> None:
-        if self.ctx.is_main:
-            self._log(message)
-
-    def _initial_state(self, resume: bool) -> dict[str, Any] | None:
-        """Rank 0 finds and reads the checkpoint and sends it to all ranks (no shared disk needed)."""
-        decision: tuple[str, Any] | None = None
-        if self.ctx.is_main:
-            latest = self.ckpts.latest()
-            if latest is not None and resume:
-                decision = ("resume", (str(latest), CheckpointManager.load(latest)))
-            elif latest is not None:
-                decision = ("error", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
-                                      "to continue that run or choose another output directory"))
-            else:
-                decision = ("fresh", "no checkpoint found, starting from scratch" if resume else "")
-        kind, payload = broadcast_object(decision)
-        if kind == "error":
-            raise FileExistsError(payload)
-        if kind == "fresh":
-            if payload:
-                self.say(payload)
-            return None
-        path, state = payload
-        self.say(f"resuming from {path} (step {state['step']})")
-        return state
-
-    def _models(self) -> dict[str, nn.Module]:
+    def models(self) -> dict[str, nn.Module]:
         models: dict[str, nn.Module] = {"prompt_encoder": self.step_fn.generator_module.encoder}
         conditioner = self.step_fn.disc_module.conditioner if self.step_fn.disc_module is not None else None
         if conditioner is not None:
             models["conditioner"] = conditioner
         return models
 
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         s = self.step_fn
         return {"generator": s.opt_g, **({"discriminator": s.opt_d} if s.opt_d is not None else {})}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return self.step_fn.generators()
+
+    def extra_state(self) -> dict[str, Any]:
+        s = self.step_fn
+        return {"unet_lora": trainable_state(s.restorer.unet),
+                "discriminator": trainable_state(s.disc_module.disc) if s.disc_module is not None else None,
+                "ema": s.ema.state_dict() if s.ema is not None else None}
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         saved = state["config"]
@@ -746,7 +619,7 @@ class OSDTrainer:
         if diff:
             raise ConfigError(f"the checkpoint's architecture differs in {diff}")
         s = self.step_fn
-        self.step = apply_state(state, self._models(), self._optimizers(), {})
+        self.step = apply_state(state, self.models(), self.optimizers(), {})
         load_trainable_state(s.restorer.unet, state["unet_lora"], "unet_lora")
         if s.disc_module is not None:
             load_trainable_state(s.disc_module.disc, state["discriminator"], "discriminator")
@@ -761,71 +634,33 @@ class OSDTrainer:
             s.seed_generators(self.step)
             self.say(f"world size {state['world_size']} -> {world}: weights, optimizers and step restored exactly; "
                      "data streams and per-rank generators re-derived for the new world (not an exact resume)")
-        if state["data"] != _stream_settings(self.cfg, self.train_urls):
-            self.say("data settings differ from the checkpoint's: the data stream restarts at the saved step "
-                     "but is not the one the uninterrupted run would have read")
+        self._check_data_settings(state)
 
     def run(self) -> tuple[Path, Path]:
         """Train to `train.max_steps`; returns the final official files (img_encoder, LoRA)."""
-        t, o = self.cfg.train, self.cfg.output
-        dev = self.ctx.device
         s = self.step_fn
         n_train = sum(p.numel() for p in s.g_params.values())
         n_disc = sum(p.numel() for g in s.opt_d.param_groups for p in g["params"]) if s.opt_d else 0
         self.say(f"stage 2: {n_train:,} trainable generator parameters, {n_disc:,} discriminator, "
                  f"D backbone {self.cfg.discriminator.backbone}, {len(self.train_urls)} training shard(s), "
-                 f"world size {self.ctx.world_size}, device {dev}, "
-                 f"{'bf16' if s.amp_dtype else 'fp32'}, step {self.step} -> {t.max_steps}")
+                 f"world size {self.ctx.world_size}, device {self.ctx.device}, "
+                 f"{'bf16' if s.amp_dtype else 'fp32'}, step {self.step} -> {self.cfg.train.max_steps}")
         s.generator.train()
         if s.disc is not None:
             s.disc.train()
-        sums = torch.zeros(len(LOG_NAMES), dtype=torch.float64, device=dev)
-        count, wait, tick = 0, 0.0, time.perf_counter()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        while self.step < t.max_steps:
-            batches = iter(self.loader)
-            while self.step < t.max_steps:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break  # end of the loader's epoch: the next pass continues the stream
-                wait += time.perf_counter() - t0
-                scalars = s(batch, self.step)
-                self.step += 1
-                sums += torch.stack([scalars[k] for k in LOG_NAMES]).to(torch.float64)
-                count += 1
-                if self.loader.step != self.step:
-                    raise RuntimeError(f"loader at batch {self.loader.step} but trainer at step {self.step}")
-                last = self.step == t.max_steps
-                if self.step % o.log_every == 0 or last:
-                    self._log_train(sums / count, count, wait, time.perf_counter() - tick, batch["hq"].shape[0])
-                    sums.zero_()
-                    count, wait, tick = 0, 0.0, time.perf_counter()
-                paused = time.perf_counter()
-                if self.cfg.val.every and (self.step % self.cfg.val.every == 0 or last):
-                    self.validate()
-                if self.step % o.ckpt_every == 0 or last:
-                    self.save()
-                tick += time.perf_counter() - paused
+        self._train_loop()
         return self.finish()
 
-    def _log_train(self, means: torch.Tensor, count: int, wait: float, elapsed: float, batch_size: int) -> None:
-        metrics = mean_scalars({f"train/{k}": v for k, v in zip(LOG_NAMES, means)}, self.ctx.device)
-        if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"step {self.step}: non-finite loss {metrics}; resume from the last checkpoint "
-                                     f"({self.ckpts.latest()}) with a lower lr or stronger clipping")
-        metrics["train/it_per_s"] = count / elapsed
-        metrics["train/samples_per_s"] = count * batch_size * self.ctx.world_size / elapsed
-        metrics["train/data_wait_frac"] = wait / elapsed
-        if self.ctx.device.type == "cuda":
-            metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
-        self.metrics.log(self.step, metrics)
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        scalars = self.step_fn(batch, self.step)
+        return torch.stack([scalars[k] for k in self.LOG_NAMES])
+
+    def train_summary(self, metrics: Mapping[str, float]) -> str:
         m = {k.removeprefix("train/"): v for k, v in metrics.items()}
-        self.say(f"step {self.step}/{self.cfg.train.max_steps}  loss {m['loss']:.4f} (mse {m['mse']:.4f} "
-                 f"ea {m['ea_dists']:.4f} gan {m['gan']:.4f})  D {m['d_loss']:.4f} (real {m['d_real']:+.2f} "
-                 f"fake {m['d_fake']:+.2f})  |g| {m['grad_norm']:.3f}  {m['it_per_s']:.2f} it/s  "
-                 f"data wait {100 * m['data_wait_frac']:.0f}%")
+        return (f"step {self.step}/{self.cfg.train.max_steps}  loss {m['loss']:.4f} (mse {m['mse']:.4f} "
+                f"ea {m['ea_dists']:.4f} gan {m['gan']:.4f})  D {m['d_loss']:.4f} (real {m['d_real']:+.2f} "
+                f"fake {m['d_fake']:+.2f})  |g| {m['grad_norm']:.3f}  {m['it_per_s']:.2f} it/s  "
+                f"data wait {100 * m['data_wait_frac']:.0f}%")
 
     @torch.no_grad()
     def validate(self) -> dict[str, float] | None:
@@ -841,52 +676,17 @@ class OSDTrainer:
             _, parts = stage2_loss(out.image, hq, s.ea_dists)
         metrics = {"val/loss": float(sum(v.item() for v in parts.values())),
                    **{f"val/{k}": v.item() for k, v in parts.items()}}
-        self.metrics.log(self.step, metrics)
         rows = [[to_rgb_uint8(self.val_batch["lq"][i]), to_rgb_uint8(out.image[i]), to_rgb_uint8(self.val_batch["hq"][i])]
                 for i in range(out.image.shape[0])]
-        grid = image_grid(rows)
-        save_png(self.out / "val" / f"step-{self.step:08d}.png", grid)
-        self.metrics.log_image("val/grid", self.step, grid)
-        self.metrics.flush()
-        self._plot()
-        self.say(f"step {self.step}  val loss {metrics['val/loss']:.4f}")
+        self._log_validation(metrics, image_grid(rows))
         return metrics
 
-    def _plot(self) -> None:
-        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png",
-                     ["train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss"])
-
-    def save(self) -> Path | None:
-        """Resumable state of all ranks plus the official files, written by rank 0."""
-        s = self.step_fn
-        rng = all_gather_objects(capture_rng(s.generators()))
-        if not self.ctx.is_main:
-            return None
-        state = collect_state(
-            self.step, self._models(), self._optimizers(), {}, rng=rng, world_size=self.ctx.world_size,
-            loader_step=self.loader.step, data=_stream_settings(self.cfg, self.train_urls), config=self.cfg.to_dict(),
-            unet_lora=trainable_state(s.restorer.unet),
-            discriminator=trainable_state(s.disc_module.disc) if s.disc_module is not None else None,
-            ema=s.ema.state_dict() if s.ema is not None else None)
-        path = self.ckpts.save(self.step, state, extra=lambda folder: export_official(s, folder))
-        self.say(f"saved {path}")
-        return path
+    def write_outputs(self, folder: Path) -> None:
+        export_official(self.step_fn, folder)
 
     def finish(self) -> tuple[Path, Path]:
-        files = (self.out / IMG_ENCODER_FILE, self.out / LORA_FILE)
-        if self.ctx.is_main:
-            latest = self.ckpts.latest()
-            if latest is not None and latest.name == self.ckpts.path_for(self.step).name:
-                for f in files:
-                    shutil.copyfile(latest / f.name, f)
-            else:
-                export_official(self.step_fn, self.out)
-            if (self.out / METRICS_FILE).is_file():
-                self._plot()
-            self.say(f"done at step {self.step}: {files[0]}, {files[1]}")
-        self.metrics.close()
-        barrier()
-        return files
+        encoder_file, lora_file = self._finish()
+        return encoder_file, lora_file
 
 
 def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] = print) -> tuple[Path, Path]:
@@ -895,29 +695,12 @@ def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] 
     return OSDTrainer(cfg, ctx, resume, log).run()
 
 
-def config_from_args(args: argparse.Namespace) -> TrainOSDConfig:
-    """The YAML at args.config with --set overrides, then --max-steps and --out."""
-    cfg = TrainOSDConfig.from_yaml(args.config, list(args.set or []))
-    if args.max_steps is not None:
-        cfg = dataclasses.replace(cfg, train=config_from_mapping(
-            TrainSettings, {**dataclasses.asdict(cfg.train), "max_steps": args.max_steps}, "--max-steps"))
-    if args.out is not None:
-        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(args.out)))
-    return cfg
-
-
 def main_osd(args: argparse.Namespace) -> int:
     """`haodiff-train osd` (arguments from haodiff_model.cli)."""
-    cfg = config_from_args(args)
-    try:
-        train(cfg, resume=args.resume)
-    finally:
-        shutdown_distributed()
-    return 0
+    return run_from_args(TrainOSDConfig, train, args)
 
 
-__all__ = ["EMA", "DiscriminatorSettings", "LossSettings", "ModelSettings", "OSDTrainer", "OutputSettings",
-           "Stage2Discriminator", "Stage2Generator", "Stage2Parts", "Stage2Step", "TrainOSDConfig", "TrainSettings",
-           "ValSettings", "build_discriminator", "build_parts", "build_prompt_encoder", "build_restorer",
-           "config_from_args", "discriminator_from_unet", "export_official", "load_trainable_state", "main_osd",
-           "resolve_paths", "train", "trainable_state"]
+__all__ = ["EMA", "DiscriminatorSettings", "LossSettings", "ModelSettings", "OSDTrainer", "Stage2Discriminator",
+           "Stage2Generator", "Stage2Parts", "Stage2Step", "TrainOSDConfig", "TrainSettings", "build_discriminator",
+           "build_parts", "build_prompt_encoder", "build_restorer", "discriminator_from_unet", "export_official",
+           "load_trainable_state", "main_osd", "resolve_paths", "train", "trainable_state"]

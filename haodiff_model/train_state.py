@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from haodiff_data.shards.writer import fsync_dir, atomic_write_bytes
 from haodiff_model.distributed import unwrap
 
 STATE_FILE = "state.pt"
@@ -115,24 +116,6 @@ def apply_state(state: Mapping[str, Any], models: Mapping[str, nn.Module],
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class CheckpointManager:
     """Atomic, numbered checkpoint folders with a `latest` pointer; keeps the newest `keep_last`.
 
@@ -185,7 +168,7 @@ class CheckpointManager:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -196,8 +179,8 @@ class CheckpointManager:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.root)
-        _write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
+        fsync_dir(self.root)
+        atomic_write_bytes(self.root / LATEST_FILE, (final.name + "\n").encode())
         for old in self.checkpoints()[:-self.keep_last]:
             shutil.rmtree(old)
         return final
@@ -251,7 +234,7 @@ class MetricLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            _write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             self._file = open(self.path, "a")
         else:
             self._file = open(self.path, "w")

@@ -25,10 +25,10 @@ from haodiff_model.cli import main
 from haodiff_model.distributed import DistContext
 from haodiff_model.dpg import ConfigError, DPGConfig, DPGNetwork
 from haodiff_model.train_dpg import (
-    DPGTrainer, TrainDPGConfig, TrainSettings, build_train_loader, dpg_forward_loss, dpg_train_step, lr_factor,
-    split_holdout,
+    DPGTrainer, TrainDPGConfig, TrainSettings, dpg_forward_loss, dpg_train_step, lr_factor,
 )
 from haodiff_model.train_state import CheckpointManager, read_metrics
+from haodiff_model.trainer_common import build_train_loader, split_holdout
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -36,14 +36,7 @@ TINY_MODEL = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_he
               "window_size": 8, "drop_path_rate": 0.1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two spinning OpenMP threads can make
-    these small steps 100x slower; results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(key: str) -> dict:

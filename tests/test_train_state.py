@@ -19,14 +19,7 @@ from haodiff_model.train_state import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two spinning OpenMP threads can make
-    these small steps 100x slower; results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _draw(g: torch.Generator, ng: np.random.Generator) -> list:

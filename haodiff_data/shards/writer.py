@@ -32,10 +32,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -101,7 +101,7 @@ class ShardSink:
         self._file.close()
         final = self.out_dir / shard_name(self.prefix, self.node_rank, self.state.next_shard)
         os.replace(self._tmp_path(), final)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self.shards_written.append(final)
         self.state.next_shard += 1
         self.state.written += self._count

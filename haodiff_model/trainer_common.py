@@ -1,0 +1,445 @@
+"""What the stage-1 and stage-2 trainers share: the run config scaffolding (sections, YAML,
+overrides), held-out validation data, and the `Trainer` base that owns the loop, logging,
+checkpoints and the resume handshake. Each trainer supplies its models and its training step.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import copy
+import dataclasses
+import math
+import re
+import shutil
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from haodiff_model.data import ShardLoader, ShardStreamConfig, make_loader, resolve_urls
+from haodiff_model.distributed import (
+    DistContext, all_gather_objects, barrier, broadcast_object, mean_scalars, shutdown_distributed,
+)
+from haodiff_model.dpg import ConfigError, config_from_mapping
+from haodiff_model.train_state import (
+    METRICS_FILE, CheckpointManager, MetricLogger, capture_rng, collect_state, plot_metrics, save_png,
+)
+
+PRECISIONS = ("bf16", "fp32")
+# ShardStreamConfig fields that do not change which batches a rank gets
+_STREAM_NEUTRAL = ("max_failures", "timeout_s", "pin_memory")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _scalar_ok(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # bool is an int to isinstance, but true/false is no step count
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def check_scalar_types(obj: Any) -> None:
+    """Reject dataclass fields holding a scalar of the wrong type, by field name (YAML typos such as lr: abc)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not all(k in (int, float, str, bool, type(None)) for k in kinds):
+            continue  # containers are checked by the owner's own validation
+        if not any(_scalar_ok(value, k) for k in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{f.name} must be {names}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ValSettings:
+    urls: tuple[str, ...] = ()
+    samples: int = 4
+    every: int = 1000
+
+    def __post_init__(self) -> None:
+        check_scalar_types(self)
+        if self.samples < 1 or self.every < 0:
+            raise ValueError(f"invalid samples={self.samples!r} (>= 1) or every={self.every!r} (>= 0, 0 = off)")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    dir: str
+    log_every: int = 50
+    ckpt_every: int = 2000
+    keep_last: int = 3
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        check_scalar_types(self)
+        bad = [n for n in ("log_every", "ckpt_every", "keep_last") if getattr(self, n) < 1]
+        if bad:
+            raise ValueError("must be >= 1: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA when asked for; CPU always trains in fp32."""
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
+
+
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)  # PyYAML reads "2e-3" as a string (YAML 1.1 floats need a dot)
+    return value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `data` with each "section.key=value" applied; unknown names surface in from_dict."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=1e-3")
+        current = out.get(section)
+        if current is None:
+            current = out[section] = {}
+        elif not isinstance(current, dict):
+            raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
+        current[key] = _parse_value(text)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+class RunConfig:
+    """Base of a whole-run config: a frozen dataclass whose fields are sections (one YAML mapping each).
+
+    RUN_DEFAULTS holds, per section, the values this run uses where they differ from the section
+    class's own defaults (stage 2's smaller batch, each stage's output folder). They fill the keys a
+    config leaves out; the section fields' default factories use them too, via `run_default`.
+    Subclasses need `data`, `train` (with max_steps), `val` and `output` sections.
+    """
+
+    RUN_DEFAULTS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def run_default(cls, name: str) -> Any:
+        """The default of section `name` for this run."""
+        return typing.get_type_hints(cls)[name](**copy.deepcopy(dict(cls.RUN_DEFAULTS.get(name, {}))))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> Any:
+        where = where or cls.__name__
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        sections = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(sections)}")
+        kwargs = {}
+        for name, value in data.items():
+            value = {} if value is None else value
+            if isinstance(value, Mapping):
+                value = {**copy.deepcopy(dict(cls.RUN_DEFAULTS.get(name, {}))), **value}
+            kwargs[name] = config_from_mapping(hints[name], value, f"{where}:{name}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> Any:
+        """Load `path`, then apply "section.key=value" overrides (values parsed as YAML)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path} does not exist")
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        return cls.from_dict(apply_overrides(data, overrides), str(path))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Any:
+        """The YAML at args.config with --set overrides, then --max-steps and --out."""
+        cfg = cls.from_yaml(args.config, list(args.set or []))
+        if args.max_steps is not None:
+            cfg = dataclasses.replace(cfg, train=config_from_mapping(
+                type(cfg.train), {**dataclasses.asdict(cfg.train), "max_steps": args.max_steps}, "--max-steps"))
+        if args.out is not None:
+            cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(args.out)))
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict (tuples as lists); from_dict(to_dict()) == self."""
+        return {f.name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+                for f in dataclasses.fields(self)}
+
+
+def run_from_args(config_cls: type[RunConfig], train: Callable[..., Any], args: argparse.Namespace) -> int:
+    """A `haodiff-train` subcommand: build the config from `args`, train, leave the process group."""
+    cfg = config_cls.from_args(args)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def split_holdout(cfg: Any) -> tuple[list[str], list[str]]:
+    """(training shards, validation shards) of a run config. Validation shards never train: explicit
+    `val.urls` are removed from the training list; without them the last training shard is held
+    out, unless validation is off (val.every = 0)."""
+    train = resolve_urls(cfg.data.urls)
+    if cfg.val.urls:
+        val = resolve_urls(cfg.val.urls)
+        held = set(val)
+        train = [u for u in train if u not in held]
+        if not train:
+            raise ConfigError(f"every training shard is also a validation shard (val.urls={list(cfg.val.urls)})")
+        return train, val
+    if not cfg.val.every:
+        return train, []
+    if len(train) < 2:
+        raise ConfigError(f"data.urls {list(cfg.data.urls)} gives {len(train)} shard(s); holding one out for "
+                          "validation needs >= 2: set val.urls to held-out shards, or val.every=0")
+    return train[:-1], train[-1:]
+
+
+def build_train_loader(cfg: Any, train_urls: list[str], ctx: DistContext, start_step: int) -> ShardLoader:
+    """This rank's batch stream, at batch `start_step` (each rank reads a different slice)."""
+    return make_loader(dataclasses.replace(cfg.data, urls=train_urls), ctx.rank, ctx.world_size, start_step)
+
+
+def load_val_batch(cfg: Any, val_urls: list[str]) -> dict[str, Any]:
+    """The fixed validation batch: the first `val.samples` samples of the held-out stream (same for any world size)."""
+    val_cfg = dataclasses.replace(cfg.data, urls=val_urls, batch_size=cfg.val.samples, num_workers=0,
+                                  epoch_length=1, shuffle_buffer=cfg.val.samples, pin_memory=False)
+    return next(iter(make_loader(val_cfg)))
+
+
+def stream_settings(data: ShardStreamConfig, train_urls: list[str]) -> dict[str, Any]:
+    """The data settings that decide which batches each rank reads (stored in checkpoints)."""
+    d = dataclasses.asdict(data)
+    d["urls"] = list(train_urls)
+    for k in _STREAM_NEUTRAL:
+        d.pop(k)
+    return d
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer(abc.ABC):
+    """The loop, logging, validation output, checkpoints and resume handshake of a trainer.
+
+    A subclass builds its models in __init__ between `_initial_state` and `_start_run`, and gives:
+    LOG_NAMES (the scalars `train_step` returns, in order), PLOT_KEYS, `train_step`, `models`,
+    `optimizers`, `train_summary`, `validate`, `write_outputs(folder)` (the official files) and
+    OUTPUT_FILES (their names); optionally `schedulers`, `generators` (explicit RNGs saved per
+    rank), `extra_state` and `extra_train_metrics`.
+    """
+
+    LOG_NAMES: ClassVar[tuple[str, ...]] = ()
+    PLOT_KEYS: ClassVar[tuple[str, ...]] = ()
+    OUTPUT_FILES: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any, ctx: DistContext, log: Callable[[str], None] = print):
+        self.cfg, self.ctx = cfg, ctx
+        self.out = Path(cfg.output.dir)
+        self._log = log
+        self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.output.keep_last, enabled=ctx.is_main)
+        self.step = 0
+
+    def say(self, message: str) -> None:
+        if self.ctx.is_main:
+            self._log(message)
+
+    def _initial_state(self, resume: bool) -> dict[str, Any] | None:
+        """Rank 0 finds and reads the checkpoint and sends it to all ranks (no shared disk needed)."""
+        decision: tuple[str, Any] | None = None
+        if self.ctx.is_main:
+            latest = self.ckpts.latest()
+            if latest is not None and resume:
+                decision = ("resume", (str(latest), CheckpointManager.load(latest)))
+            elif latest is not None:
+                decision = ("error", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
+                                      "to continue that run or choose another output directory"))
+            else:
+                decision = ("fresh", "no checkpoint found, starting from scratch" if resume else "")
+        kind, payload = broadcast_object(decision)
+        if kind == "error":
+            raise FileExistsError(payload)
+        if kind == "fresh":
+            if payload:
+                self.say(payload)
+            return None
+        path, state = payload
+        self.say(f"resuming from {path} (step {state['step']})")
+        return state
+
+    def _check_data_settings(self, state: Mapping[str, Any]) -> None:
+        if state["data"] != stream_settings(self.cfg.data, self.train_urls):
+            self.say("data settings differ from the checkpoint's: the data stream restarts at the saved step "
+                     "but is not the one the uninterrupted run would have read")
+
+    def _start_run(self, resumed: bool) -> None:
+        """Data streams, metrics and config.yaml, once the models are built (and restored)."""
+        self.loader = build_train_loader(self.cfg, self.train_urls, self.ctx, self.step)
+        self.val_batch = load_val_batch(self.cfg, self.val_urls) if self.ctx.is_main and self.cfg.val.every else None
+        self.metrics = MetricLogger(self.out, self.ctx.is_main, self.cfg.output.tensorboard,
+                                    resume_step=self.step if resumed else None)
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "config.yaml", "w") as f:
+                yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
+
+    # hooks --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One update at `self.step`; the LOG_NAMES scalars stacked, on device (no host sync)."""
+
+    @abc.abstractmethod
+    def models(self) -> dict[str, nn.Module]:
+        """The modules whose state dicts checkpoints hold, by name."""
+
+    @abc.abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers checkpoints hold, by name."""
+
+    def schedulers(self) -> dict[str, Any]:
+        return {}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def extra_train_metrics(self) -> dict[str, float]:
+        return {}
+
+    @abc.abstractmethod
+    def train_summary(self, metrics: Mapping[str, float]) -> str:
+        """The console line for a training log record."""
+
+    @abc.abstractmethod
+    def write_outputs(self, folder: Path) -> None:
+        """Write OUTPUT_FILES into `folder`."""
+
+    # the run -------------------------------------------------------------------------------
+
+    def _train_loop(self) -> None:
+        t, o = self.cfg.train, self.cfg.output
+        dev = self.ctx.device
+        sums = torch.zeros(len(self.LOG_NAMES), dtype=torch.float64, device=dev)
+        count, wait, tick = 0, 0.0, time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        while self.step < t.max_steps:
+            batches = iter(self.loader)
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break  # end of the loader's epoch: the next pass continues the stream
+                wait += time.perf_counter() - t0
+                scalars = self.train_step(batch)
+                self.step += 1
+                sums += scalars.to(torch.float64)
+                count += 1
+                if self.loader.step != self.step:
+                    raise RuntimeError(f"loader at batch {self.loader.step} but trainer at step {self.step}")
+                last = self.step == t.max_steps
+                if self.step % o.log_every == 0 or last:
+                    self._log_train(sums / count, count, wait, time.perf_counter() - tick, batch["hq"].shape[0])
+                    sums.zero_()
+                    count, wait, tick = 0, 0.0, time.perf_counter()
+                paused = time.perf_counter()
+                if self.cfg.val.every and (self.step % self.cfg.val.every == 0 or last):
+                    self.validate()
+                if self.step % o.ckpt_every == 0 or last:
+                    self.save()
+                tick += time.perf_counter() - paused  # validation and checkpoints stay out of it/s
+
+    def _log_train(self, means: torch.Tensor, count: int, wait: float, elapsed: float, batch_size: int) -> None:
+        metrics = mean_scalars({f"train/{k}": v for k, v in zip(self.LOG_NAMES, means)}, self.ctx.device)
+        if not math.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(f"step {self.step}: non-finite loss {metrics}; resume from the last checkpoint "
+                                     f"({self.ckpts.latest()}) with a lower lr or stronger clipping")
+        metrics.update(self.extra_train_metrics())
+        metrics["train/it_per_s"] = count / elapsed
+        metrics["train/samples_per_s"] = count * batch_size * self.ctx.world_size / elapsed
+        metrics["train/data_wait_frac"] = wait / elapsed
+        if self.ctx.device.type == "cuda":
+            metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        self.metrics.log(self.step, metrics)
+        self.say(self.train_summary(metrics))
+
+    @abc.abstractmethod
+    def validate(self) -> dict[str, float] | None:
+        """Validation losses and grid on the fixed held-out batch (rank 0); see `_log_validation`."""
+
+    def _log_validation(self, metrics: Mapping[str, float], grid: np.ndarray) -> None:
+        """Record validation losses (val/loss among them) and the image grid (rank 0)."""
+        self.metrics.log(self.step, metrics)
+        save_png(self.out / "val" / f"step-{self.step:08d}.png", grid)
+        self.metrics.log_image("val/grid", self.step, grid)
+        self.metrics.flush()
+        self._plot()
+        self.say(f"step {self.step}  val loss {metrics['val/loss']:.4f}")
+
+    def _plot(self) -> None:
+        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png", list(self.PLOT_KEYS))
+
+    def save(self) -> Path | None:
+        """Resumable state of all ranks plus the official files, written by rank 0."""
+        rng = all_gather_objects(capture_rng(self.generators()))
+        if not self.ctx.is_main:
+            return None
+        state = collect_state(self.step, self.models(), self.optimizers(), self.schedulers(), rng=rng,
+                              world_size=self.ctx.world_size, loader_step=self.loader.step,
+                              data=stream_settings(self.cfg.data, self.train_urls), config=self.cfg.to_dict(),
+                              **self.extra_state())
+        path = self.ckpts.save(self.step, state, extra=self.write_outputs)
+        self.say(f"saved {path}")
+        return path
+
+    def _finish(self) -> list[Path]:
+        """The official files in the output folder (copied from the final checkpoint when it is this step's)."""
+        files = [self.out / name for name in self.OUTPUT_FILES]
+        if self.ctx.is_main:
+            latest = self.ckpts.latest()
+            if latest is not None and latest.name == self.ckpts.path_for(self.step).name:
+                for f in files:
+                    shutil.copyfile(latest / f.name, f)
+            else:
+                self.write_outputs(self.out)
+            if (self.out / METRICS_FILE).is_file():
+                self._plot()
+            self.say(f"done at step {self.step}: {', '.join(str(f) for f in files)}")
+        self.metrics.close()
+        barrier()
+        return files
+
+
+__all__ = ["OutputSettings", "PRECISIONS", "RunConfig", "Trainer", "ValSettings", "apply_overrides", "autocast_dtype",
+           "build_train_loader", "check_scalar_types", "load_val_batch", "run_from_args", "split_holdout",
+           "stream_settings"]
