@@ -367,7 +367,7 @@ class ShardLoader:
         dataset = _EpochDataset(self.cfg, self.urls, self.rank, self.world_size, epoch, offset)
         workers = self.cfg.num_workers
         loader = wds.WebLoader(
-            dataset, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory,
+            dataset, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             timeout=self.cfg.timeout_s if workers > 0 else 0,
         ).with_epoch(self.cfg.epoch_length - offset)
         for batch in loader:
