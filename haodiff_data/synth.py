@@ -145,6 +145,17 @@ def _find_person(work: np.ndarray, full_labels: np.ndarray | None) -> tuple[int,
 
 
 def process_task(task: Task) -> TaskResult:
+    """One source's samples; an unexpected failure rejects that source instead of ending the run."""
+    try:
+        return _process_task(task)
+    except Exception as exc:  # noqa: BLE001 - a long run must record a bad input and go on
+        k_per = _WORKER["cfg"].samples_per_image
+        reason = f"processing failed: {type(exc).__name__}: {exc}"
+        return TaskResult(rejects=[{"source": task.source.id, "reason": reason,
+                                    "samples": [task.position * k_per + k for k in task.ks]}])
+
+
+def _process_task(task: Task) -> TaskResult:
     cfg: SynthConfig = _WORKER["cfg"]
     recipe = cfg.recipe
     result = TaskResult()

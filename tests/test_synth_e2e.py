@@ -217,3 +217,22 @@ def test_labels_segmenter_uses_precomputed_maps(tmp_path):
     meta = json.loads(members["json"])
     assert meta["segmenter"]["name"] == "labels"
     assert meta["segmenter"]["groups"] == ["head", "left_upper_limb", "whole_body"]
+
+
+def test_an_unexpected_failure_rejects_that_source_and_the_run_goes_on(tmp_path, monkeypatch):
+    import haodiff_data.synth as synth_module
+
+    real = synth_module.make_sample
+
+    def flaky(hq, parts, index, *args):
+        if index == 1:
+            raise RuntimeError("boom")
+        return real(hq, parts, index, *args)
+
+    monkeypatch.setattr(synth_module, "make_sample", flaky)
+    out = tmp_path / "out"
+    assert synth(out, "-k", "1", "--workers", "1") == 3
+    (reject,) = [json.loads(line) for line in (out / "rejects-r000.jsonl").read_text().splitlines()]
+    assert reject["reason"] == "processing failed: RuntimeError: boom" and reject["samples"] == [1]
+    assert reject["source"].endswith("bus.jpg")
+    assert sorted(samples_by_key(out)) == ["s000000000", "s000000002"]
