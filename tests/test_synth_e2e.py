@@ -236,3 +236,13 @@ def test_an_unexpected_failure_rejects_that_source_and_the_run_goes_on(tmp_path,
     assert reject["reason"] == "processing failed: RuntimeError: boom" and reject["samples"] == [1]
     assert reject["source"].endswith("bus.jpg")
     assert sorted(samples_by_key(out)) == ["s000000000", "s000000002"]
+
+
+def test_bench_json_reports_every_stage(capsys):
+    assert main(["bench", "--json", "--samples", "2", "--end-to-end-samples", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    stages = result["stage_ms_one_core"]
+    assert set(stages) == {"intake", "segmentation", "trajectory_psf", "hmb_blur", "generic", "encode_write"}
+    assert all(v > 0 for v in stages.values())
+    expected = stages["trajectory_psf"] + stages["hmb_blur"] + stages["generic"]
+    assert abs(result["degrade_ms_per_sample"] - expected) < 0.02
