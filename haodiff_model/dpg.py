@@ -397,7 +397,7 @@ class DPGNetwork(DPGFeatureExtractor):
         x = F.pad(x, (0, (-w) % m, 0, (-h) % m), mode="reflect")
         outs, x_mid, geom = self.forward_trunk(x)
         results = []
-        for b, (tokens, head) in enumerate(zip(outs, self.upsamplers)):
+        for tokens, head in zip(outs, self.upsamplers):
             tokens = (self.norm(tokens) + x_mid).index_select(1, geom.to_raster)
             y = head(tokens_to_image(tokens, geom.height, geom.width))[:, :, :h, :w]
             if y.shape[1] == 3:  # official test: 3-channel heads get the mean back, the residual one too
