@@ -246,3 +246,19 @@ def test_bench_json_reports_every_stage(capsys):
     assert all(v > 0 for v in stages.values())
     expected = stages["trajectory_psf"] + stages["hmb_blur"] + stages["generic"]
     assert abs(result["degrade_ms_per_sample"] - expected) < 0.02
+
+
+def test_person_crops_of_a_wide_photo_show_a_person(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "zidane.jpg").write_bytes((ASSETS_DIR / "zidane.jpg").read_bytes())  # 1280x720: crops at native size
+    out = tmp_path / "out"
+    assert synth(out, str(src), "-k", "4", "--workers", "1") == 0
+    boxes = set()
+    for members in samples_by_key(out).values():
+        meta = json.loads(members["json"])
+        assert meta["source"]["crop"]["mode"] == "person" and meta["source"]["working_size"] is None
+        boxes.add(tuple(meta["source"]["crop"]["box"]))
+        parts = cv2.imdecode(np.frombuffer(members["parts.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert meta["segmenter"]["person_found"] and (parts > 0).mean() > 0.01
+    assert len(boxes) > 1  # K crops of one image differ
