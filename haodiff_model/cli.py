@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from haodiff_model.dpg import ConfigError
+from haodiff_model.config import ConfigError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.stage == "dpg":
-            from haodiff_model.train_dpg import main_dpg
+            from haodiff_model.train.dpg import main_dpg
 
             return main_dpg(args)
-        from haodiff_model.train_osd import main_osd
+        from haodiff_model.train.osd import main_osd
 
         return main_osd(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as exc:

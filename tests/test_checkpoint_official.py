@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from haodiff_model.checkpoint import (
+from haodiff_model.io.official import (
     CheckpointMismatchError,
     load_dpg_weights,
     load_img_encoder,
@@ -15,8 +15,8 @@ from haodiff_model.checkpoint import (
     save_dpg,
     save_img_encoder,
 )
-from haodiff_model.dpg import DPGConfig, DPGFeatureExtractor, DPGNetwork
-from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig
+from haodiff_model.nets.dpg import DPGConfig, DPGFeatureExtractor, DPGNetwork
+from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
 
 TINY_DPG = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), drop_path_rate=0.0)
 TINY_PROMPT = PromptEmbedderConfig(dim_head=16, embed_dim=32, out_tokens=5, num_layers=2, num_heads_performer=2,

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from haodiff_model.discriminator import (  # noqa: E402
+from haodiff_model.nets.discriminator import (  # noqa: E402
     LatentDiscriminator,
     discriminator_gan_loss,
     generator_gan_loss,

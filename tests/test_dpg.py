@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from haodiff_model import swin
-from haodiff_model.dpg import RGB_MEAN, ConfigError, DPGConfig, DPGFeatureExtractor, DPGNetwork
-from haodiff_model.swin import relative_position_index, shift_window_mask, window_order
+from haodiff_model.config import ConfigError
+from haodiff_model.nets import swin
+from haodiff_model.nets.dpg import RGB_MEAN, DPGConfig, DPGFeatureExtractor, DPGNetwork
+from haodiff_model.nets.swin import relative_position_index, shift_window_mask, window_order
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "dpg.yaml"
 # grid 64/4 = 16 tokens, 2x2 windows of 8 with shift 4; head dims 4 and 6 exercise the padded SDPA path

@@ -10,8 +10,8 @@ pytest.importorskip("peft")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from haodiff_model.bench_osd import TINY_UNET_CONFIG  # noqa: E402
-from haodiff_model.lora_io import (  # noqa: E402
+from haodiff_model.bench.osd import TINY_UNET_CONFIG  # noqa: E402
+from haodiff_model.io.official import (  # noqa: E402
     LORA_FILE,
     LoraFileError,
     load_lora_weights,
@@ -20,7 +20,7 @@ from haodiff_model.lora_io import (  # noqa: E402
     read_lora_file,
     save_lora_weights,
 )
-from haodiff_model.osd import add_unet_lora, lora_target_modules  # noqa: E402
+from haodiff_model.nets.restorer import add_unet_lora, lora_target_modules  # noqa: E402
 
 RANK = 4
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from haodiff_model.dists import DISTS, DISTS_TOTAL_CHANNELS, L2Pool, hanning_filter_3x3, load_dists_weights
-from haodiff_model.losses import EdgeAwareDISTS, dice_loss, sobel_edges, stage1_loss, stage2_loss
-from haodiff_model.vgg import load_vgg16_features, vgg16_features
+from haodiff_model.losses.dists import DISTS, DISTS_TOTAL_CHANNELS, L2Pool, hanning_filter_3x3, load_dists_weights
+from haodiff_model.losses.losses import EdgeAwareDISTS, dice_loss, sobel_edges, stage1_loss, stage2_loss
+from haodiff_model.losses.vgg import load_vgg16_features, vgg16_features
 
 LN3 = math.log(3.0)
 

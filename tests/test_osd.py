@@ -1,4 +1,4 @@
-"""One-step restorer (osd.py) and SDXL conditioning heads (sdxl_cond.py): schedule value, the x0
+"""One-step restorer (nets/restorer.py) and SDXL conditioning heads (nets/sdxl_cond.py): schedule value, the x0
 and CFG math against a hand computation, one batched UNet call, the LoRA target rule, loading
 from a diffusers folder, and the img_encoder_weights.pth round trip with embedding changers."""
 
@@ -13,10 +13,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
-from haodiff_model.bench_osd import TINY_DPG, TINY_SDXL_UNET_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG  # noqa: E402
-from haodiff_model.checkpoint import load_img_encoder  # noqa: E402
-from haodiff_model.dpg import DPGConfig  # noqa: E402
-from haodiff_model.osd import (  # noqa: E402
+from haodiff_model.bench.osd import TINY_DPG, TINY_SDXL_UNET_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG  # noqa: E402
+from haodiff_model.io.official import load_img_encoder  # noqa: E402
+from haodiff_model.nets.dpg import DPGConfig  # noqa: E402
+from haodiff_model.nets.restorer import (  # noqa: E402
     SD21_BASE_SCHEDULER_CONFIG,
     SD21_BASE_UNET_CONFIG,
     OneStepRestorer,
@@ -24,8 +24,8 @@ from haodiff_model.osd import (  # noqa: E402
     alphas_cumprod_from_config,
     lora_target_modules,
 )
-from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig  # noqa: E402
-from haodiff_model.sdxl_cond import (  # noqa: E402
+from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig  # noqa: E402
+from haodiff_model.nets.sdxl_cond import (  # noqa: E402
     SDXLConditioner,
     load_sdxl_conditioner,
     save_img_encoder_with_changers,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.dpg import DPGConfig
-from haodiff_model.performer import FastAttention, Performer, add_official_duplicates, gaussian_orthogonal_random_matrix
-from haodiff_model.prompt import (
+from haodiff_model.nets.dpg import DPGConfig
+from haodiff_model.nets.performer import FastAttention, Performer, add_official_duplicates, gaussian_orthogonal_random_matrix
+from haodiff_model.nets.prompt import (
     AttentionPool,
     DualPromptEncoder,
     PerformerWithAttentionPool,
@@ -92,7 +92,7 @@ def test_fast_attention_stabilisers_when_every_feature_is_negative():
 
 def test_in_place_and_functional_feature_maps_agree():
     """The eager (in-place) feature map and the functional form that torch.compile fuses on GPU."""
-    from haodiff_model.performer import _exp_features, _exp_features_
+    from haodiff_model.nets.performer import _exp_features, _exp_features_
 
     a = torch.randn(2, 2, 3, 40, 48, generator=_gen(20), dtype=torch.float64) * 4
     sq = torch.rand(2, 2, 3, 40, 1, generator=_gen(21), dtype=torch.float64) * 30

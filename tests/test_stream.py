@@ -1,4 +1,4 @@
-"""Streaming schema-v1 shards into training batches (haodiff_model.data)."""
+"""Streaming schema-v1 shards into training batches (haodiff_model.train.data)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from haodiff_data.shards.schema import encode_sample
-from haodiff_model.data import DataSkipWarning, ShardStreamConfig, make_loader, resolve_urls
+from haodiff_model.train.data import DataSkipWarning, ShardStreamConfig, make_loader, resolve_urls
 
 SIZE = 64
 SHARDS, PER_SHARD = 4, 4

@@ -1,4 +1,4 @@
-"""Stage-1 trainer (haodiff_model.train_dpg), the haodiff-train CLI and the GPU benchmark's CPU smoke path."""
+"""Stage-1 trainer (haodiff_model.train.dpg), the haodiff-train CLI and the GPU benchmark's CPU smoke path."""
 
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ import webdataset as wds
 import yaml
 
 from haodiff_data.shards.schema import encode_sample
-from haodiff_model import bench_gpu
-from haodiff_model.checkpoint import load_dpg_weights
+from haodiff_model.bench import gpu as bench_gpu
 from haodiff_model.cli import main
-from haodiff_model.distributed import DistContext
-from haodiff_model.dpg import ConfigError, DPGConfig, DPGNetwork
-from haodiff_model.train_dpg import (
+from haodiff_model.config import ConfigError
+from haodiff_model.io.official import load_dpg_weights
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
+from haodiff_model.train.distributed import DistContext
+from haodiff_model.train.dpg import (
     DPGTrainer, TrainDPGConfig, TrainSettings, dpg_forward_loss, dpg_train_step, lr_factor,
 )
-from haodiff_model.train_state import CheckpointManager, read_metrics
-from haodiff_model.trainer_common import build_train_loader, split_holdout
+from haodiff_model.train.loop import build_train_loader, split_holdout
+from haodiff_model.train.state import CheckpointManager, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -207,7 +208,7 @@ def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from haodiff_model.distributed import init_distributed, shutdown_distributed
+    from haodiff_model.train.distributed import init_distributed, shutdown_distributed
 
     cfg = TrainDPGConfig.from_dict(cfg_dict)
     ctx = init_distributed("cpu")

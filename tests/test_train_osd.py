@@ -16,23 +16,24 @@ pytest.importorskip("peft")
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
 from haodiff_data.shards.schema import encode_sample  # noqa: E402
-from haodiff_model.bench_osd import (  # noqa: E402
+from haodiff_model.bench.osd import (  # noqa: E402
     TINY_DPG,
     TINY_PROMPT,
     TINY_SDXL_UNET_CONFIG,
     TINY_UNET_CONFIG,
     TINY_VAE_CONFIG,
 )
-from haodiff_model.checkpoint import load_img_encoder, save_dpg  # noqa: E402
-from haodiff_model.distributed import DistContext  # noqa: E402
-from haodiff_model.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
-from haodiff_model.dpg import ConfigError, DPGNetwork  # noqa: E402
-from haodiff_model.lora_io import load_lora_weights  # noqa: E402
-from haodiff_model.osd import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
-from haodiff_model.sdxl_cond import load_sdxl_conditioner  # noqa: E402
-from haodiff_model.train_osd import OSDTrainer, Stage2Step, TrainOSDConfig, build_parts  # noqa: E402
-from haodiff_model.train_state import read_metrics  # noqa: E402
-from haodiff_model.vgg import vgg16_features  # noqa: E402
+from haodiff_model.config import ConfigError  # noqa: E402
+from haodiff_model.io.official import load_img_encoder, save_dpg  # noqa: E402
+from haodiff_model.io.official import load_lora_weights  # noqa: E402
+from haodiff_model.losses.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
+from haodiff_model.losses.vgg import vgg16_features  # noqa: E402
+from haodiff_model.nets.dpg import DPGNetwork  # noqa: E402
+from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
+from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
+from haodiff_model.train.distributed import DistContext  # noqa: E402
+from haodiff_model.train.osd import OSDTrainer, Stage2Step, TrainOSDConfig, build_parts  # noqa: E402
+from haodiff_model.train.state import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32

@@ -1,4 +1,4 @@
-"""Training bookkeeping (haodiff_model.train_state) and process-group helpers (haodiff_model.distributed)."""
+"""Training bookkeeping (haodiff_model.train.state) and process-group helpers (haodiff_model.train.distributed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from haodiff_model.distributed import DistContext, init_distributed, mean_scalars, ranks_from_env, wrap_ddp
-from haodiff_model.train_state import (
+from haodiff_model.train.distributed import DistContext, init_distributed, mean_scalars, ranks_from_env, wrap_ddp
+from haodiff_model.train.state import (
     CheckpointManager, MetricLogger, apply_state, capture_rng, collect_state, derive_seed, image_grid, plot_metrics,
     read_metrics, restore_rng, save_png, to_rgb_uint8,
 )

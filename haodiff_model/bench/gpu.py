@@ -1,4 +1,4 @@
-"""``python -m haodiff_model.bench_gpu [--json] [--steps N]``: stage-1 training speed and prompt latency.
+"""``python -m haodiff_model.bench.gpu [--json] [--steps N]``: stage-1 training speed and prompt latency.
 
 1. Stage-1 training step (forward, loss, backward, clipping, Adam) on a synthetic batch of 16
    512x512 images, exactly the trainer's `dpg_train_step`:
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from haodiff_model.dpg import DPGConfig, DPGNetwork
-from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig
-from haodiff_model.train_dpg import dpg_train_step
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
+from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
+from haodiff_model.train.dpg import dpg_train_step
 
 TRAIN_SPEEDUP_TARGET = 3.0
 PROMPT_MS_TARGET = 15.0
@@ -285,7 +285,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m haodiff_model.bench_gpu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m haodiff_model.bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default: 10; CPU 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps/calls first (default: 3; CPU 1)")

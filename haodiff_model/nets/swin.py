@@ -10,60 +10,18 @@ tables and shift masks come from a `WindowGeometry` computed once per token grid
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haodiff_model.nets.layers import LayerNorm, frozen, init_default_
+
 # Value the official code puts between tokens of different regions in a shifted window; exp(-100)
 # underflows to 0 in float32 softmax, so it acts as -inf but matches the official numbers.
 SHIFT_MASK_VALUE = -100.0
 ATTENTION_MODES = ("sdpa", "explicit")
-
-
-def compiled_kernels_enabled(x: torch.Tensor) -> bool:
-    """Whether to use the torch.compile'd (Triton) kernels: CUDA tensors, unless HAODIFF_COMPILE=0.
-
-    They replace eager chains that are slow on GPU for this model's shapes (see LayerNorm and the
-    FAVOR+ feature map); inside an enclosing torch.compile they are simply inlined.
-    """
-    return x.is_cuda and os.environ.get("HAODIFF_COMPILE", "1") != "0"
-
-
-@functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=None)
-
-
-def run_compiled(fn: Callable, *args):
-    """fn(*args) through torch.compile, compiled on first use (importing the compiler takes seconds);
-    plain fn inside an enclosing compile, which fuses it with its neighbours anyway."""
-    if torch.compiler.is_compiling():
-        return fn(*args)
-    return _compiled(fn)(*args)
-
-
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same state); on CUDA a compiled kernel when the width is not a multiple of 8.
-
-    PyTorch's CUDA LayerNorm vectorises only widths divisible by its vector size; for C = 150 it
-    falls back to a two-kernel path that took ~90 us per call on a (16384, 150) bf16 input on an
-    H100, 44% of the DPG extractor's time. One fused Triton row kernel does it in a single pass.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normalized_shape[0] % 8 and self.weight is not None and compiled_kernels_enabled(x):
-            return run_compiled(_layer_norm, x, self.weight, self.bias, self.eps)
-        return super().forward(x)
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -165,11 +123,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def frozen(t: torch.Tensor) -> bool:
-    """True when a value derived from `t` may be cached: no autograd graph has to pass through it."""
-    return not (t.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
 
 
 class WindowAttention(nn.Module):
@@ -381,15 +334,6 @@ class RSTB(nn.Module):
         y = self.residual_group(x, geom).index_select(1, geom.to_raster)
         y = self.conv(tokens_to_image(y, geom.height, geom.width))
         return x + image_to_tokens(y).index_select(1, geom.to_window)
-
-
-def init_default_(module: nn.Module, generator: torch.Generator) -> None:
-    """PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5), bias U(+-1/sqrt(fan_in)))."""
-    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
-    if module.bias is not None:
-        fan_in = module.weight[0].numel()
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        nn.init.uniform_(module.bias, -bound, bound, generator=generator)
 
 
 def init_swin_(module: nn.Module, generator: torch.Generator) -> None:

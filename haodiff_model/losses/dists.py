@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.vgg import VGG16_STAGE_RELU_INDICES, load_vgg16_features
+from haodiff_model.losses.vgg import VGG16_STAGE_RELU_INDICES, load_vgg16_features
 
 DISTS_CHANNELS: tuple[int, ...] = (3, 64, 128, 256, 512, 512)
 DISTS_TOTAL_CHANNELS = sum(DISTS_CHANNELS)  # 1475

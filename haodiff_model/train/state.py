@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from haodiff_data.shards.writer import fsync_dir, atomic_write_bytes
-from haodiff_model.distributed import unwrap
+from haodiff_model.train.distributed import unwrap
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest"

@@ -1,4 +1,4 @@
-"""Stage-2 training-step benchmark: `python -m haodiff_model.bench_osd [--json]`.
+"""Stage-2 training-step benchmark: `python -m haodiff_model.bench.osd [--json]`.
 
 On CUDA it builds the full SD2.1-base UNet + VAE (configs of model_spec C.1, random weights, LoRA
 r16 on the OSEDiff module set), a full-size DPG prompt encoder and the SDXL-UNet latent
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from haodiff_model.train_osd import Stage2Parts
+    from haodiff_model.train.osd import Stage2Parts
 
 # Tiny models for CPU tests and smoke runs (same block types as the real ones).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -76,14 +76,14 @@ def build_random_parts(disc: str, full: bool, device: torch.device, seed: int = 
     """
     from diffusers import UNet2DConditionModel
 
-    from haodiff_model.dists import DISTS, DISTS_TOTAL_CHANNELS
-    from haodiff_model.dpg import DPGConfig
-    from haodiff_model.losses import EdgeAwareDISTS
-    from haodiff_model.osd import SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG, OneStepRestorer
-    from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig
-    from haodiff_model.sdxl_cond import SDXL_BASE_UNET_CONFIG
-    from haodiff_model.train_osd import DiscriminatorSettings, Stage2Parts, discriminator_from_unet
-    from haodiff_model.vgg import vgg16_features
+    from haodiff_model.losses.dists import DISTS, DISTS_TOTAL_CHANNELS
+    from haodiff_model.nets.dpg import DPGConfig
+    from haodiff_model.losses.losses import EdgeAwareDISTS
+    from haodiff_model.nets.restorer import SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG, OneStepRestorer
+    from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
+    from haodiff_model.nets.sdxl_cond import SDXL_BASE_UNET_CONFIG
+    from haodiff_model.train.osd import DiscriminatorSettings, Stage2Parts, discriminator_from_unet
+    from haodiff_model.losses.vgg import vgg16_features
 
     torch.manual_seed(seed)  # diffusers and nn defaults draw from the global RNG
     gen = torch.Generator().manual_seed(seed)
@@ -113,8 +113,8 @@ def run_benchmark(disc: str = "sdxl", steps: int = 5, warmup: int = 2, batch: in
                   precision: str = "bf16", gradient_checkpointing: bool = True,
                   device: str | None = None) -> dict[str, Any]:
     """Time `steps` stage-2 training steps (after `warmup`); full models on CUDA, tiny ones on CPU."""
-    from haodiff_model.distributed import DistContext
-    from haodiff_model.train_osd import DiscriminatorSettings, LossSettings, Stage2Step, TrainSettings
+    from haodiff_model.train.distributed import DistContext
+    from haodiff_model.train.osd import DiscriminatorSettings, LossSettings, Stage2Step, TrainSettings
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = dev.type == "cuda"
@@ -163,7 +163,7 @@ def run_benchmark(disc: str = "sdxl", steps: int = 5, warmup: int = 2, batch: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m haodiff_model.bench_osd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m haodiff_model.bench.osd", description=__doc__.splitlines()[0])
     parser.add_argument("--disc", choices=("sdxl", "sd21", "none"), default="sdxl", help="discriminator backbone")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")

@@ -41,28 +41,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from haodiff_model.checkpoint import CheckpointMismatchError, load_dpg_weights, load_img_encoder
-from haodiff_model.data import ShardStreamConfig
-from haodiff_model.discriminator import (
+from haodiff_model.config import ConfigError, RunConfig
+from haodiff_model.io.official import (
+    IMG_ENCODER_FILE, LORA_FILE, CheckpointMismatchError, load_dpg_weights, load_img_encoder, load_lora_weights,
+    lora_modules_in, read_lora_file, save_lora_weights,
+)
+from haodiff_model.losses.losses import EdgeAwareDISTS, stage2_loss
+from haodiff_model.nets.discriminator import (
     LatentDiscriminator,
     discriminator_gan_loss,
     generator_gan_loss,
     noise_to_random_t,
 )
-from haodiff_model.distributed import DistContext, init_distributed, wrap_ddp
-from haodiff_model.dpg import ConfigError, DPGConfig
-from haodiff_model.lora_io import LORA_FILE, load_lora_weights, lora_modules_in, read_lora_file, save_lora_weights
-from haodiff_model.losses import EdgeAwareDISTS, stage2_loss
-from haodiff_model.osd import OneStepRestorer, RestorerOutput, cast_frozen_, lora_target_modules
-from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig, prepare_dpg_input
-from haodiff_model.sdxl_cond import SDXLConditioner, load_sdxl_conditioner, save_img_encoder_with_changers
-from haodiff_model.train_state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
-from haodiff_model.trainer_common import (
-    PRECISIONS, OutputSettings, RunConfig, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
+from haodiff_model.nets.dpg import DPGConfig
+from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig, prepare_dpg_input
+from haodiff_model.nets.restorer import OneStepRestorer, RestorerOutput, cast_frozen_, lora_target_modules
+from haodiff_model.nets.sdxl_cond import SDXLConditioner, load_sdxl_conditioner, save_img_encoder_with_changers
+from haodiff_model.train.data import ShardStreamConfig
+from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
+from haodiff_model.train.loop import (
+    PRECISIONS, OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
 )
+from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
 
 BACKBONES = ("sdxl", "sd21", "none")
-IMG_ENCODER_FILE = "img_encoder_weights.pth"
 PLACEHOLDER = "/path/to/"  # the shipped config's placeholder paths start with this
 # seed-stream tags, apart from the data streams' and from each other
 _VAE_STREAM, _GAN_STREAM, _REDRAW_STREAM, _INIT_STREAM, _VAL_STREAM = 201, 202, 203, 204, 205
@@ -422,7 +424,7 @@ def build_parts(cfg: TrainOSDConfig) -> Stage2Parts:
 
 class Stage2Step:
     """Generator update then discriminator update on one batch; the unit the trainer loops and
-    bench_osd times. Models are moved to `ctx.device`, the frozen UNet/VAE/D-backbone weights cast
+    bench.osd times. Models are moved to `ctx.device`, the frozen UNet/VAE/D-backbone weights cast
     to bf16 under bf16 precision on CUDA, then wrapped in DDP when distributed."""
 
     def __init__(self, parts: Stage2Parts, train: TrainSettings, disc: DiscriminatorSettings, loss: LossSettings,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.dists import DISTS
+from haodiff_model.losses.dists import DISTS
 
 # Grey as torchvision's Grayscale (ITU-R 601 luma), which HAODiff's edge utility uses.
 _LUMA = (0.299, 0.587, 0.114)

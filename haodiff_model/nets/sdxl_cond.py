@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from haodiff_model.checkpoint import (
+from haodiff_model.io.official import (
     IMG_ENCODER_FILE,
     CheckpointMismatchError,
     LoadReport,
     load_state_dict_checked,
     save_img_encoder,
 )
-from haodiff_model.prompt import AttentionPool, DualPromptEncoder
-from haodiff_model.swin import init_default_
+from haodiff_model.nets.layers import init_default_
+from haodiff_model.nets.prompt import AttentionPool, DualPromptEncoder
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (model_spec C.2)
 SDXL_BASE_UNET_CONFIG: dict[str, Any] = {

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.dpg import ConfigError, DPGConfig, DPGFeatureExtractor, config_from_mapping, read_yaml_section
-from haodiff_model.performer import Performer, init_performer_
-from haodiff_model.swin import init_default_
+from haodiff_model.config import ConfigError, config_from_mapping, read_yaml_section
+from haodiff_model.nets.dpg import DPGConfig, DPGFeatureExtractor
+from haodiff_model.nets.layers import init_default_
+from haodiff_model.nets.performer import Performer, init_performer_
 
 # official performer_kwargs keys; the official constructor swallows any other key
 OFFICIAL_PERFORMER_KWARGS = ("dim_head", "embed_dim", "mid_tokens", "out_tokens", "num_layers",

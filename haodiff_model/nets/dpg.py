@@ -5,7 +5,7 @@ conv downsampler -> shared trunk of RSTBs -> long skip -> one RSTB stack per bra
 LayerNorm, returning per-branch raster tokens. `DPGNetwork` is the stage-1 training network: the
 same modules plus one nearest+conv upsampler head per branch (HQ image, residual LQ-HQ, HMB mask
 logits). Parameter names equal the official ones, so the two load each other's state dicts with
-`load_dpg_weights` (checkpoint.py) and the official files load by name.
+`load_dpg_weights` (io/official.py) and the official files load by name.
 
 Differences from the official module list, on purpose: the stage-1 network does not build the
 dead `layers.2/3` RSTBs the official one carries (never used in its forward; loading reports and
@@ -15,8 +15,6 @@ skips them, official-layout export writes them back), and the RGB mean is a cons
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,59 +22,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from haodiff_model.swin import (
-    ATTENTION_MODES, RSTB, DropPath, LayerNorm, WindowAttention, WindowGeometry, image_to_tokens, init_swin_,
+from haodiff_model.config import ConfigError, config_from_mapping, read_yaml_section
+from haodiff_model.nets.layers import LayerNorm
+from haodiff_model.nets.swin import (
+    ATTENTION_MODES, RSTB, DropPath, WindowAttention, WindowGeometry, image_to_tokens, init_swin_,
     residual_conv, tokens_to_image,
 )
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 # swinir_kwargs keys the official code accepts that carry no architecture: kept out of DPGConfig.
 OFFICIAL_PASSIVE_KWARGS = frozenset({"pretrained_swinir", "net_type", "init_type", "upsampler", "norm_layer"})
-
-
-class ConfigError(ValueError):
-    """A config mapping or file that does not describe a valid model config."""
-
-
-def config_from_mapping(cls: type, data: Mapping[str, Any], where: str, ignore: frozenset[str] = frozenset()):
-    """Build dataclass `cls` from `data`, rejecting unknown keys by name (keys in `ignore` are skipped)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields) - ignore)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        if name in ignore:
-            continue
-        hint = hints[name]
-        origin = typing.get_origin(hint)
-        if origin is tuple and isinstance(value, (list, tuple)):
-            value = tuple(value)
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif origin in (typing.Union, types.UnionType) and float in typing.get_args(hint) and \
-                isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
-def read_yaml_section(path: str | Path, section: str) -> Mapping[str, Any]:
-    path = Path(path)
-    with path.open() as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, Mapping) or section not in data:
-        raise ConfigError(f"{path}: no '{section}' section")
-    return data[section]
 
 
 @dataclass(frozen=True)
@@ -409,6 +366,6 @@ class DPGNetwork(DPGFeatureExtractor):
 
 
 __all__ = [
-    "ConfigError", "ConvDownsampler", "DPGConfig", "DPGFeatureExtractor", "DPGNetwork", "NearestConvUpsampler",
-    "PatchEmbed", "RGB_MEAN", "config_from_mapping", "read_yaml_section",
+    "ConvDownsampler", "DPGConfig", "DPGFeatureExtractor", "DPGNetwork", "NearestConvUpsampler",
+    "PatchEmbed", "RGB_MEAN",
 ]

@@ -1,4 +1,4 @@
-"""``python -m haodiff_model.bench_data SHARDS``: decoded samples/s of the training loader.
+"""``python -m haodiff_model.bench.data SHARDS``: decoded samples/s of the training loader.
 
 Per worker: samples / time the worker spent producing its batches (read, shuffle, decode,
 augment, collate), i.e. what one worker delivers when it never waits. Total: samples / wall time
@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from haodiff_model.data import ShardStreamConfig, make_loader
+from haodiff_model.train.data import ShardStreamConfig, make_loader
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m haodiff_model.bench_data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m haodiff_model.bench.data", description=__doc__.splitlines()[0])
     parser.add_argument("shards", nargs="+", help="shard files, folders, globs or brace patterns")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=16)

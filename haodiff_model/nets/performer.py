@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.swin import LayerNorm, compiled_kernels_enabled, frozen, init_default_, run_compiled
+from haodiff_model.nets.layers import LayerNorm, compiled_kernels_enabled, frozen, init_default_, run_compiled
 
 FEATURE_EPS = 1e-4
 _ALIGN = 8  # feature and value widths are padded to this for 16-byte aligned bf16 GEMM rows

@@ -37,16 +37,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from haodiff_model.checkpoint import load_dpg_weights, save_dpg
-from haodiff_model.data import ShardStreamConfig
-from haodiff_model.distributed import DistContext, init_distributed, wrap_ddp
-from haodiff_model.dpg import ConfigError, DPGConfig, DPGNetwork
-from haodiff_model.losses import stage1_loss
-from haodiff_model.train_state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
-from haodiff_model.trainer_common import (
-    PRECISIONS, OutputSettings, RunConfig, Trainer, ValSettings, autocast_dtype, check_scalar_types, run_from_args,
-    split_holdout,
+from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
+from haodiff_model.io.official import load_dpg_weights, save_dpg
+from haodiff_model.losses.losses import stage1_loss
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
+from haodiff_model.train.data import ShardStreamConfig
+from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
+from haodiff_model.train.loop import (
+    PRECISIONS, OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
 )
+from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
 
 SCHEDULERS = ("constant", "cosine")
 DPG_WEIGHTS = "dpg.pth"

@@ -1,0 +1,1 @@
+"""Networks: shared layers, the Swin DPG, Performer prompt embedders, the one-step restorer, the latent discriminator."""

@@ -1,0 +1,71 @@
+"""Layers and helpers shared by the networks: a LayerNorm with a compiled CUDA path, the
+torch.compile runner, the cache guard `frozen` and PyTorch's default Linear/Conv init from an
+explicit generator."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def compiled_kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether to use the torch.compile'd (Triton) kernels: CUDA tensors, unless HAODIFF_COMPILE=0.
+
+    They replace eager chains that are slow on GPU for this model's shapes (see LayerNorm and the
+    FAVOR+ feature map); inside an enclosing torch.compile they are simply inlined.
+    """
+    return x.is_cuda and os.environ.get("HAODIFF_COMPILE", "1") != "0"
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=None)
+
+
+def run_compiled(fn: Callable, *args):
+    """fn(*args) through torch.compile, compiled on first use (importing the compiler takes seconds);
+    plain fn inside an enclosing compile, which fuses it with its neighbours anyway."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    return _compiled(fn)(*args)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same state); on CUDA a compiled kernel when the width is not a multiple of 8.
+
+    PyTorch's CUDA LayerNorm vectorises only widths divisible by its vector size; for C = 150 it
+    falls back to a two-kernel path that took ~90 us per call on a (16384, 150) bf16 input on an
+    H100, 44% of the DPG extractor's time. One fused Triton row kernel does it in a single pass.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalized_shape[0] % 8 and self.weight is not None and compiled_kernels_enabled(x):
+            return run_compiled(_layer_norm, x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def frozen(t: torch.Tensor) -> bool:
+    """True when a value derived from `t` may be cached: no autograd graph has to pass through it."""
+    return not (t.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+
+
+def init_default_(module: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5), bias U(+-1/sqrt(fan_in)))."""
+    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+    if module.bias is not None:
+        fan_in = module.weight[0].numel()
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+
+
+__all__ = ["LayerNorm", "compiled_kernels_enabled", "frozen", "init_default_", "run_compiled"]
