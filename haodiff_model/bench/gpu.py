@@ -33,7 +33,7 @@ import torch
 
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
-from haodiff_model.train.dpg import dpg_train_step
+from haodiff_model.train.dpg import TrainSettings, dpg_train_step
 
 TRAIN_SPEEDUP_TARGET = 3.0
 PROMPT_MS_TARGET = 15.0
@@ -87,11 +87,11 @@ def _train_once(cfg: DPGConfig, batch: int, steps: int, warmup: int, device: tor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        dpg_train_step(model, opt, data, 0.02, 1.0, amp_dtype, device)
+        dpg_train_step(model, opt, data, TrainSettings().objective(), 1.0, amp_dtype, device)
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss, _, _ = dpg_train_step(model, opt, data, 0.02, 1.0, amp_dtype, device)
+        loss, _, _ = dpg_train_step(model, opt, data, TrainSettings().objective(), 1.0, amp_dtype, device)
     _sync(device)
     elapsed = time.perf_counter() - start
     out = {"batch": batch, "steps": steps, "it_per_s": steps / elapsed, "samples_per_s": steps * batch / elapsed,

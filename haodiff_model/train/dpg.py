@@ -1,8 +1,12 @@
 """Stage 1 trainer: the triple-branch DPG on streamed shards (paper Sec. 3.2, Eq. 4-5; Sec. 4.1).
 
-LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + 0.02 Dice(sigmoid(mask));
-Adam (lr 2e-3, default betas), constant learning rate unless the config asks for warm-up/cosine
-(the paper gives no schedule); bf16 autocast on CUDA, fp32 on CPU; gradient-norm clipping. Every
+LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + 0.02 Dice(sigmoid(mask))
+(+ a BCE term on the mask logits); Adam with warm-up and cosine decay; bf16 autocast on CUDA, fp32 on
+CPU; gradient-norm clipping. The paper's objective and optimiser as written (Sec. 4.1: Dice per
+image, no BCE, constant lr 2e-3) stay a config choice; the defaults differ because at those settings
+the mask head saturates to all ones within a few dozen steps (issue #12; `python -m
+haodiff_model.bench.learn` measures it). Every log record carries per-branch gradient norms and the
+mask head's positive rate, and `Stage1Guard` warns when a head saturates, dies or the loss diverges. Every
 rank reads its own slice of the shard stream; DDP averages the gradients. Rank 0 alone logs,
 validates and writes files. Validation uses a fixed batch from held-out shards (`val.urls`, or
 else the last training shard, which is then excluded from training).
@@ -39,32 +43,44 @@ from torch import nn
 
 from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
 from haodiff_model.io.official import load_dpg_weights, save_dpg
-from haodiff_model.losses.losses import stage1_loss
+from haodiff_model.losses.losses import DICE_REDUCTIONS, Stage1Objective, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
+from haodiff_model.train.guards import Stage1Guard
 from haodiff_model.train.loop import (
     PRECISIONS, OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
 )
-from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
+from haodiff_model.train.state import (
+    METRICS_FILE, apply_state, derive_seed, image_grid, plot_metrics, restore_rng, to_rgb_uint8,
+)
 
 SCHEDULERS = ("constant", "cosine")
 DPG_WEIGHTS = "dpg.pth"
-LOSS_PARTS = ("l1_hq", "l1_residual", "dice")
+LOSS_PARTS = ("l1_hq", "l1_residual", "dice", "bce")
+# per-step health figures of the heads (pre-clip gradient norms; the mask head's raw logits)
+HEAD_STATS = ("grad_norm", "grad_norm_hq", "grad_norm_residual", "grad_norm_mask", "mask_pos_rate",
+              "mask_true_rate", "mask_logit_absmax")
+HEAD_NAMES = ("hq", "residual", "mask")  # branch order of DPGNetwork
 _DROP_PATH_STREAM = 101  # seed tag of the drop-path generators, apart from the data streams' tags
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     max_steps: int = 20_000
-    lr: float = 2e-3
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     dice_weight: float = 0.02
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    dice_reduction: str = "batch"
+    dice_smooth: float = 1.0
+    bce_weight: float = 0.1
+    focal_gamma: float = 0.0
+    mask_logit_bound: float | None = None
+    scheduler: str = "cosine"
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     precision: str = "bf16"
     seed: int = 0
@@ -80,6 +96,11 @@ class TrainSettings:
             "eps": self.eps > 0,
             "weight_decay": self.weight_decay >= 0,
             "dice_weight": self.dice_weight >= 0,
+            "dice_reduction": self.dice_reduction in DICE_REDUCTIONS,
+            "dice_smooth": self.dice_smooth >= 0,
+            "bce_weight": self.bce_weight >= 0,
+            "focal_gamma": self.focal_gamma >= 0,
+            "mask_logit_bound": self.mask_logit_bound is None or self.mask_logit_bound > 0,
             "scheduler": self.scheduler in SCHEDULERS,
             "warmup_steps": self.warmup_steps >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
@@ -91,7 +112,12 @@ class TrainSettings:
         bad = [n for n, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) +
-                             f" (scheduler: {SCHEDULERS}, precision: {PRECISIONS}, device: cuda|cpu|null)")
+                             f" (scheduler: {SCHEDULERS}, precision: {PRECISIONS}, device: cuda|cpu|null, "
+                             f"dice_reduction: {DICE_REDUCTIONS})")
+
+    def objective(self) -> Stage1Objective:
+        return Stage1Objective(self.dice_weight, self.dice_reduction, self.dice_smooth, self.bce_weight,
+                               self.focal_gamma, self.mask_logit_bound)
 
 
 @dataclass(frozen=True)
@@ -127,7 +153,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainSettings) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
 
 
-def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], dice_weight: float,
+def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], objective: Stage1Objective,
                      amp_dtype: torch.dtype | None, device: torch.device
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """LQ -> predictions -> stage-1 loss (computed in fp32). Returns (loss, parts, predictions)."""
@@ -135,21 +161,44 @@ def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], dice_w
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         preds = model(lq)
     preds = [p.float() for p in preds]
-    loss, parts = stage1_loss(*preds, hq, residual, mask, dice_weight)
+    loss, parts = stage1_loss(*preds, hq, residual, mask, objective)
     return loss, parts, preds
 
 
+def head_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Per branch (HQ, residual, mask): the parameters only that branch uses (its RSTBs and its head)."""
+    net = getattr(model, "module", model)  # through DDP
+    return [[*branch.parameters(), *head.parameters()] for branch, head in zip(net.branches, net.upsamplers)]
+
+
+def _grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 def dpg_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
-                   dice_weight: float = 0.02, grad_clip: float | None = 1.0, amp_dtype: torch.dtype | None = None,
-                   device: torch.device | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """One optimizer update on `batch`; returns (loss, parts, pre-clip gradient norm), all on device (no sync)."""
+                   objective: Stage1Objective = Stage1Objective(), grad_clip: float | None = 1.0,
+                   amp_dtype: torch.dtype | None = None, device: torch.device | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One optimizer update on `batch`; returns (loss, parts, HEAD_STATS), all on device (no sync).
+
+    The gradient norms are taken before clipping: the global one and one per branch.
+    """
     device = device or next(model.parameters()).device
-    loss, parts, _ = dpg_forward_loss(model, batch, dice_weight, amp_dtype, device)
+    loss, parts, preds = dpg_forward_loss(model, batch, objective, amp_dtype, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    heads = [_grad_norm(ps).to(device) for ps in head_parameters(model)]
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
     optimizer.step()
-    return loss.detach(), parts, norm.detach()
+    logits = preds[2].detach()
+    stats = {
+        "grad_norm": norm.detach(), **{f"grad_norm_{n}": h for n, h in zip(HEAD_NAMES, heads)},
+        "mask_pos_rate": (logits > 0).float().mean(),
+        "mask_true_rate": batch["mask"].to(device).float().mean(),
+        "mask_logit_absmax": logits.abs().max(),
+    }
+    return loss.detach(), parts, stats
 
 
 def validation_grid(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Tensor]) -> np.ndarray:
@@ -169,7 +218,7 @@ def validation_grid(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Ten
 class DPGTrainer(Trainer):
     """Stage-1 training loop; build it on every rank, then `run()`."""
 
-    LOG_NAMES = ("loss", *LOSS_PARTS, "grad_norm")
+    LOG_NAMES = ("loss", *LOSS_PARTS, *HEAD_STATS)
     PLOT_KEYS = ("train/loss", *(f"train/{k}" for k in LOSS_PARTS), "val/loss")
     OUTPUT_FILES = (DPG_WEIGHTS,)
 
@@ -180,6 +229,8 @@ class DPGTrainer(Trainer):
         self.train_urls, self.val_urls = split_holdout(cfg)
 
         t = cfg.train
+        self.objective = t.objective()
+        self.guard = Stage1Guard()
         self.model = DPGNetwork(cfg.model, torch.Generator().manual_seed(t.seed))
         if state is None and t.init_weights:
             self.say(str(load_dpg_weights(self.model, t.init_weights)))
@@ -237,10 +288,19 @@ class DPGTrainer(Trainer):
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         t = self.cfg.train
-        loss, parts, norm = dpg_train_step(self.ddp, self.optimizer, batch, t.dice_weight, t.grad_clip,
-                                           self.amp_dtype, self.ctx.device)
+        loss, parts, stats = dpg_train_step(self.ddp, self.optimizer, batch, self.objective, t.grad_clip,
+                                            self.amp_dtype, self.ctx.device)
         self.scheduler.step()
-        return torch.stack([loss, *(parts[k] for k in LOSS_PARTS), norm])
+        return torch.stack([loss, *(parts[k] for k in LOSS_PARTS), *(stats[k] for k in HEAD_STATS)])
+
+    def check_health(self, metrics: Mapping[str, float]) -> list[str]:
+        return self.guard.check(self.step, metrics)
+
+    def _plot(self) -> None:
+        keys = [k for k in self.PLOT_KEYS if k != "train/bce" or self.objective.bce_weight]
+        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png", keys)
+        plot_metrics(self.out / METRICS_FILE, self.out / "heads.png",
+                     [f"train/grad_norm_{n}" for n in HEAD_NAMES] + ["train/mask_logit_absmax"])
 
     def extra_train_metrics(self) -> dict[str, float]:
         return {"train/lr": self.scheduler.get_last_lr()[0]}
@@ -248,7 +308,11 @@ class DPGTrainer(Trainer):
     def train_summary(self, metrics: Mapping[str, float]) -> str:
         return (f"step {self.step}/{self.cfg.train.max_steps}  loss {metrics['train/loss']:.4f} "
                 f"(hq {metrics['train/l1_hq']:.4f} res {metrics['train/l1_residual']:.4f} "
-                f"dice {metrics['train/dice']:.4f})  |g| {metrics['train/grad_norm']:.3f}  "
+                f"dice {metrics['train/dice']:.4f} bce {metrics['train/bce']:.4f})  "
+                f"|g| {metrics['train/grad_norm']:.3f} "
+                f"(hq {metrics['train/grad_norm_hq']:.2e} res {metrics['train/grad_norm_residual']:.2e} "
+                f"mask {metrics['train/grad_norm_mask']:.2e})  mask+ {100 * metrics['train/mask_pos_rate']:.0f}% "
+                f"(true {100 * metrics['train/mask_true_rate']:.0f}%)  "
                 f"lr {metrics['train/lr']:.2e}  {metrics['train/it_per_s']:.2f} it/s  "
                 f"data wait {100 * metrics['train/data_wait_frac']:.0f}%")
 
@@ -259,7 +323,7 @@ class DPGTrainer(Trainer):
             return None
         self.model.eval()
         try:
-            loss, parts, preds = dpg_forward_loss(self.model, self.val_batch, self.cfg.train.dice_weight,
+            loss, parts, preds = dpg_forward_loss(self.model, self.val_batch, self.objective,
                                                   self.amp_dtype, self.ctx.device)
         finally:
             self.model.train()
@@ -285,5 +349,5 @@ def main_dpg(args: argparse.Namespace) -> int:
     return run_from_args(TrainDPGConfig, train, args)
 
 
-__all__ = ["DPGTrainer", "DPG_WEIGHTS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss", "dpg_train_step",
-           "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]
+__all__ = ["DPGTrainer", "DPG_WEIGHTS", "HEAD_STATS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss",
+           "dpg_train_step", "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]

@@ -134,7 +134,7 @@ class Trainer(abc.ABC):
     LOG_NAMES (the scalars `train_step` returns, in order), PLOT_KEYS, `train_step`, `models`,
     `optimizers`, `train_summary`, `validate`, `write_outputs(folder)` (the official files) and
     OUTPUT_FILES (their names); optionally `schedulers`, `generators` (explicit RNGs saved per
-    rank), `extra_state` and `extra_train_metrics`.
+    rank), `extra_state`, `extra_train_metrics` and `check_health`.
     """
 
     LOG_NAMES: ClassVar[tuple[str, ...]] = ()
@@ -217,6 +217,10 @@ class Trainer(abc.ABC):
     def extra_train_metrics(self) -> dict[str, float]:
         return {}
 
+    def check_health(self, metrics: Mapping[str, float]) -> list[str]:
+        """Warnings about the logged training metrics at `self.step` (saturated heads, divergence, ...)."""
+        return []
+
     @abc.abstractmethod
     def train_summary(self, metrics: Mapping[str, float]) -> str:
         """The console line for a training log record."""
@@ -271,8 +275,12 @@ class Trainer(abc.ABC):
         metrics["train/data_wait_frac"] = wait / elapsed
         if self.ctx.device.type == "cuda":
             metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        warnings = self.check_health(metrics)
+        metrics["train/warnings"] = len(warnings)
         self.metrics.log(self.step, metrics)
         self.say(self.train_summary(metrics))
+        for w in warnings:
+            self.say(f"WARNING step {self.step}: {w}")
 
     @abc.abstractmethod
     def validate(self) -> dict[str, float] | None:

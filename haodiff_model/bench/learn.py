@@ -1,0 +1,293 @@
+"""Stage-1 learnability benchmark: does a small DPG, trained by the real stage-1 trainer, learn what
+DPG is for on a photo it never saw? (issue #12)
+
+    python -m haodiff_model.bench.learn [PHOTOS ...] [--recipe haodiff] [--steps 300] [--paper]
+                                        [--set train.lr=1e-3 ...] [--out runs/bench_learn/NAME]
+
+1. Data: an HMB-heavy recipe (the chosen recipe with first_order p_hmb raised, `--p-hmb`) feeds the
+   real `haodiff-data synth` on the bundled photos (+ PHOTOS); one photo (`--holdout`) is
+   synthesized apart and never trains. The shards are cached by recipe, photos, K and seed.
+2. Training: `pipelines/train_dpg.yaml` (its defaults, or `--paper` for the paper's objective and
+   optimiser as written) with a small DPG on random crops, for a fixed number of steps (the budget
+   is in steps, so a run is reproducible whatever the machine's load), validation on the held-out
+   shards, through `DPGTrainer`: the loop, losses and guards a real run uses.
+3. Evaluation on every held-out sample, whole 512x512 images:
+   - mask head (p > 0.5) on HMB samples: IoU and Dice against the all-ones, all-zeros and person-mask
+     baselines; its positive rate on samples without HMB; the AUROC of p inside the person;
+   - PSNR of the HQ head and of LQ - residual head, each against the LQ's own PSNR.
+   Output: report.json, heldout.png (HQ | LQ | HQ head | LQ - residual | true mask | p | person),
+   and the trainer's loss.png / heads.png / metrics.jsonl in the same folder; a table with the
+   issue's targets marked pass / FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from scipy.stats import rankdata
+
+from haodiff_data.intake.sources import embedded_sources
+from haodiff_data.recipe import load_recipe
+from haodiff_data.shards.reader import iter_samples
+from haodiff_model.train.distributed import init_distributed
+from haodiff_model.train.dpg import DPGTrainer, TrainDPGConfig
+from haodiff_model.train.state import image_grid, save_png
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_CONFIG = ROOT / "pipelines" / "train_dpg.yaml"
+# A small DPG: the paper's structure (trunk 2 RSTBs, 2 per branch) at 24 channels, 0.2 M weights (paper: 9.7 M).
+SMALL_MODEL = ("model.embed_dim=24", "model.depths=[2,2,1,1]", "model.num_heads=[3,3,3,3]")
+# The paper's stage-1 objective and optimiser (Sec. 4.1) as the trainer shipped them before issue #12.
+PAPER_SETTINGS = ("train.lr=2e-3", "train.dice_weight=0.02", "train.dice_reduction=sample", "train.dice_smooth=1.0",
+                  "train.bce_weight=0.0", "train.focal_gamma=0.0", "train.mask_logit_bound=null",
+                  "train.scheduler=constant", "train.warmup_steps=0", "train.eps=1e-8", "train.grad_clip=1.0")
+TARGET_AUROC = 0.7
+TARGET_EMPTY_RATE = 0.05  # "predicts little on samples without HMB": at most 5 % of the pixels
+GRID_ROWS, GRID_SIDE = 6, 192
+
+
+def uptime() -> str:
+    try:
+        return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average unknown"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def hmb_recipe(name: str, p_hmb: float) -> dict[str, Any]:
+    """The recipe `name` with the first order drawn as HMB with probability p_hmb, the rest split
+    1:2 between none and generic (samples without HMB are needed to see what the mask head says there)."""
+    recipe = load_recipe(name)
+    rest = 1.0 - p_hmb
+    first = dataclasses.replace(recipe.first_order, p_hmb=p_hmb, p_none=rest / 3, p_generic=2 * rest / 3)
+    return dataclasses.replace(recipe, first_order=first).to_dict()
+
+
+def synth(recipe_path: Path, photos: Sequence[str], out: Path, k: int, seed: int) -> None:
+    """The real `haodiff-data synth`, in a subprocess (MediaPipe and its threads stay out of training)."""
+    cmd = [sys.executable, "-m", "haodiff_data.cli", "synth", "--recipe", str(recipe_path), "--out", str(out),
+           "-k", str(k), "--seed", str(seed), "--samples-per-shard", "64", "--workers", "2", "--no-progress",
+           *photos]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def build_data(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(training shards folder, held-out shards folder), synthesized once per recipe/photos/K/seed."""
+    photos = [s.path for s in embedded_sources()] + list(args.photos)
+    held = [p for p in photos if Path(p).stem == args.holdout]
+    if len(held) != 1:
+        raise SystemExit(f"--holdout {args.holdout!r} must name exactly one photo (by stem) of {photos}")
+    train_photos = [p for p in photos if p not in held]
+    recipe = hmb_recipe(args.recipe, args.p_hmb)
+    key = json.dumps([recipe, [Path(p).name for p in photos], args.holdout, args.k_train, args.k_heldout,
+                      args.data_seed], sort_keys=True)
+    folder = Path(args.data_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
+    done = folder / "done.json"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        recipe_path = folder / "recipe.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        synth(recipe_path, train_photos, folder / "train", args.k_train, args.data_seed)
+        # another seed, so the held-out crops and degradations are not the training draws' twins
+        synth(recipe_path, held, folder / "heldout", args.k_heldout, args.data_seed + 1)
+        done.write_text(json.dumps({"recipe": args.recipe, "p_hmb": args.p_hmb, "train": train_photos,
+                                    "heldout": held}, indent=1))
+    print(f"data: {folder} (train: {len(train_photos)} photo(s) x {args.k_train}, held out: {held[0]} x "
+          f"{args.k_heldout}, recipe {args.recipe} with p_hmb {args.p_hmb})", flush=True)
+    return folder / "train", folder / "heldout"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    mse = np.mean((x.astype(np.float64) - ref.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+def to_u8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> HxWx3 uint8, as the loader's (u8 - 127.5) / 127.5 inverted."""
+    return (x.clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def iou_dice(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    inter = np.logical_and(pred, true).sum()
+    union = np.logical_or(pred, true).sum()
+    total = pred.sum() + true.sum()
+    return (float(inter / union) if union else 1.0), (float(2 * inter / total) if total else 1.0)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); nan without both classes."""
+    pos = int(labels.sum())
+    neg = labels.size - pos
+    if not pos or not neg:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """The held-out figures (see the module doc) and the picture of the first GRID_ROWS samples."""
+    model.eval()
+    device = next(model.parameters()).device
+    per: dict[str, list[float]] = {k: [] for k in ("psnr_lq", "psnr_hq_head", "psnr_lq_minus_res",
+                                                   "iou", "dice", "iou_ones", "dice_ones", "iou_person",
+                                                   "dice_person", "pos_rate_hmb", "pos_rate_empty")}
+    scores, labels, rows = [], [], []
+    n_hmb = n_empty = 0
+    for s in iter_samples(sorted(heldout.glob("*.tar"))):
+        lq = torch.from_numpy(s.lq).permute(2, 0, 1).float().div(127.5).sub(1)[None].to(device)
+        hq_pred, res_pred, logits = (x.float().cpu() for x in model(lq))
+        lq = lq.cpu()
+        p = torch.sigmoid(logits[0, 0]).numpy()
+        hq_head, lq_minus_res = to_u8(hq_pred[0]), to_u8(lq[0] - res_pred[0])
+        per["psnr_lq"].append(psnr(s.lq, s.hq))
+        per["psnr_hq_head"].append(psnr(hq_head, s.hq))
+        per["psnr_lq_minus_res"].append(psnr(lq_minus_res, s.hq))
+        true, person, pred = s.mask >= 128, s.parts > 0, p > 0.5
+        if true.any():
+            n_hmb += 1
+            for name, guess in (("", pred), ("_ones", np.ones_like(true)), ("_person", person)):
+                iou, dice = iou_dice(guess, true)
+                per[f"iou{name}"].append(iou)
+                per[f"dice{name}"].append(dice)
+            per["pos_rate_hmb"].append(float(pred.mean()))
+            scores.append(p[person])
+            labels.append(true[person])
+        else:
+            n_empty += 1
+            per["pos_rate_empty"].append(float(pred.mean()))
+        if len(rows) < GRID_ROWS:
+            grey = [np.repeat((m * 255).astype(np.uint8)[..., None], 3, axis=2) for m in (true, p, person)]
+            rows.append([_small(x) for x in (s.hq, s.lq, hq_head, lq_minus_res, *grey)])
+    model.train()
+    out: dict[str, Any] = {k: (float(np.mean(v)) if v else float("nan")) for k, v in per.items()}
+    out["iou_zeros"] = out["dice_zeros"] = 0.0  # an empty prediction against a non-empty mask
+    out["auroc_in_person"] = auroc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
+    out["samples_hmb"], out["samples_empty"] = n_hmb, n_empty
+    return out, image_grid(rows)
+
+
+def _small(img: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, (GRID_SIDE, GRID_SIDE), interpolation=cv2.INTER_AREA)
+
+
+def targets(m: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The issue's targets on the CPU budget, as (what, met)."""
+    return [
+        (f"mask IoU {m['iou']:.3f} > all-ones {m['iou_ones']:.3f}", m["iou"] > m["iou_ones"]),
+        (f"mask IoU {m['iou']:.3f} > person mask {m['iou_person']:.3f}", m["iou"] > m["iou_person"]),
+        (f"positive rate without HMB {100 * m['pos_rate_empty']:.1f}% <= {100 * TARGET_EMPTY_RATE:.0f}%",
+         m["pos_rate_empty"] <= TARGET_EMPTY_RATE),
+        (f"AUROC inside the person {m['auroc_in_person']:.3f} >= {TARGET_AUROC}", m["auroc_in_person"] >= TARGET_AUROC),
+        (f"HQ head {m['psnr_hq_head']:.2f} dB > LQ {m['psnr_lq']:.2f} dB", m["psnr_hq_head"] > m["psnr_lq"]),
+        (f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB > LQ {m['psnr_lq']:.2f} dB",
+         m["psnr_lq_minus_res"] > m["psnr_lq"]),
+    ]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_config(args: argparse.Namespace, train_dir: Path, heldout_dir: Path, out: Path) -> TrainDPGConfig:
+    overrides = [
+        *SMALL_MODEL, f"model.img_size={args.crop}",
+        f"data.urls=[{train_dir}]", f"data.batch_size={args.batch}", "data.num_workers=1", "data.seed=0",
+        "data.epoch_length=100000", "data.shuffle_buffer=64", f"data.crop_size={args.crop}", "data.hflip=true",
+        # the warm-up scales with the budget: a tenth of it (the YAML's 500 is for 20k steps)
+        f"train.max_steps={args.steps}", f"train.warmup_steps={args.steps // 10}", f"train.device={args.device}",
+        f"train.seed={args.seed}",
+        f"val.urls=[{heldout_dir}]", "val.samples=4", f"val.every={max(1, args.steps // 4)}",
+        f"output.dir={out}", f"output.log_every={args.log_every}", f"output.ckpt_every={args.steps}",
+        "output.keep_last=1", "output.tensorboard=false",
+        *(PAPER_SETTINGS if args.paper else ()), *args.set,
+    ]
+    return TrainDPGConfig.from_yaml(TRAIN_CONFIG, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m haodiff_model.bench.learn", description=__doc__.split("\n\n")[0])
+    ap.add_argument("photos", nargs="*", help="more photos of people, added to the bundled ones")
+    ap.add_argument("--recipe", default="haodiff", help="degradation recipe name or YAML (default: haodiff)")
+    ap.add_argument("--p-hmb", type=float, default=0.7, help="first-order HMB probability (default: 0.7)")
+    ap.add_argument("--holdout", default="astronaut", help="stem of the photo never trained on (default: astronaut)")
+    ap.add_argument("--k-train", type=int, default=100, help="samples per training photo (default: 100)")
+    ap.add_argument("--k-heldout", type=int, default=24, help="samples of the held-out photo (default: 24)")
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--data-dir", default="runs/bench_learn/data", help="shard cache (default: runs/bench_learn/data)")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer updates: the budget (default: 300)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=96, help="training crop side (default: 96)")
+    ap.add_argument("--seed", type=int, default=0, help="weight-init seed")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--paper", action="store_true", help="the paper's stage-1 objective and optimiser as written")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override after the benchmark's own (repeatable)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    ap.add_argument("--data-only", action="store_true", help="synthesize (or find) the shards, then stop")
+    ap.add_argument("--out", default=None, help="run folder (default: runs/bench_learn/<paper|default>-<steps>)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/bench_learn/{'paper' if args.paper else 'default'}-{args.steps}")
+    if not args.data_only and out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: choose another --out")
+    print(f"start {time.strftime('%H:%M:%S')}  {uptime()}", flush=True)
+    train_dir, heldout_dir = build_data(args)
+    if args.data_only:
+        return 0
+    cfg = run_config(args, train_dir, heldout_dir, out)
+
+    start = time.perf_counter()
+    trainer = DPGTrainer(cfg, init_distributed(args.device))
+    trainer.run()
+    train_s = time.perf_counter() - start
+    print(f"trained {args.steps} steps in {train_s:.0f} s ({train_s / args.steps:.2f} s/step)  {uptime()}", flush=True)
+
+    start = time.perf_counter()
+    metrics, grid = evaluate(trainer.model, heldout_dir)
+    eval_s = time.perf_counter() - start
+    save_png(out / "heldout.png", grid)
+    checks = targets(metrics)
+    report = {"config": cfg.to_dict(), "argv": list(sys.argv[1:] if argv is None else argv), "metrics": metrics,
+              "targets": {what: ok for what, ok in checks}, "train_s": train_s, "eval_s": eval_s, "load": uptime()}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+
+    m = metrics
+    print(f"held out ({m['samples_hmb']} HMB, {m['samples_empty']} without): "
+          f"mask IoU {m['iou']:.3f} Dice {m['dice']:.3f} | all-ones IoU {m['iou_ones']:.3f} Dice {m['dice_ones']:.3f} "
+          f"| person IoU {m['iou_person']:.3f} Dice {m['dice_person']:.3f} | all-zeros 0 | "
+          f"positive rate HMB {100 * m['pos_rate_hmb']:.1f}% without {100 * m['pos_rate_empty']:.1f}% | "
+          f"AUROC in person {m['auroc_in_person']:.3f}")
+    print(f"PSNR: LQ {m['psnr_lq']:.2f} dB, HQ head {m['psnr_hq_head']:.2f} dB, "
+          f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB")
+    for what, ok in checks:
+        print(f"  [{'pass' if ok else 'FAIL'}] {what}")
+    print(f"{sum(ok for _, ok in checks)}/{len(checks)} targets met; {out}/(report.json heldout.png loss.png "
+          f"heads.png); train {train_s:.0f} s, eval {eval_s:.0f} s; end {time.strftime('%H:%M:%S')}  {uptime()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
