@@ -87,7 +87,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-to-end-samples", type=int, default=48,
                    help="samples in the end-to-end synth run (default: 48; 0 skips it)")
     _add_recipe_args(p)
+    _add_detection_parsers(sub)
     return parser
+
+
+def _add_detection_parsers(sub) -> None:
+    """yolo-export, detect train|predict, hmbr, mpii-test (ultralytics, AGPL-3.0, only imported when run)."""
+    p = sub.add_parser("yolo-export", help="shards -> ultralytics dataset: LQ images, one 'hmb' box per HMB instance",
+                       description="LQ images with YOLO labels (class 0 hmb) from the HMB masks; samples without HMB "
+                                   "are negatives with empty label files; train/val split by key hash.")
+    p.add_argument("shards", nargs="+", help="shard files, folders or globs")
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default: 0.1)")
+    p.add_argument("--min-area", type=float, default=0.0005,
+                   help="HMB mask regions smaller than this fraction of the image are ignored (default: 0.0005)")
+    p.add_argument("--split-by", choices=("key", "source"), default="key",
+                   help="hash the sample key (default) or the source image, so crops of a photo stay on one side")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    detect = sub.add_parser("detect", help="train or run the YOLO11 HMB detector (ultralytics)").add_subparsers(
+        dest="detect_command", required=True)
+    p = detect.add_parser("train", help="train YOLO11 on a yolo-export dataset; writes best.pt and metrics.json")
+    p.add_argument("data", type=Path, help="yolo-export folder or its dataset.yaml")
+    p.add_argument("--out", type=Path, required=True, help="run folder (best.pt, metrics.json, val_predictions.png)")
+    p.add_argument("--model", default="yolo11n.yaml", help="architecture to build untrained (default: yolo11n.yaml)")
+    p.add_argument("--weights", type=Path, default=None, help="local .pt to fine-tune instead (e.g. yolo11n.pt)")
+    p.add_argument("--imgsz", type=int, default=512, help="training image size (default: 512)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs (default: 100)")
+    p.add_argument("--hours", type=float, default=None, help="wall-clock budget; overrides --epochs")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    p.add_argument("--device", default="cpu", help="cpu, 0, 0,1 ... (default: cpu)")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--patience", type=int, default=50, help="stop after N epochs without val gain (default: 50)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="CUDA precision (default: bf16)")
+    p.add_argument("--no-plots", action="store_true", help="skip ultralytics' training plots")
+
+    p = detect.add_parser("predict", help="detect HMB in images, folders, lists -> detections.jsonl + sheet")
+    p.add_argument("inputs", nargs="+", help="images, folders (recursive), lists (.txt), globs, .tar shards of images")
+    p.add_argument("--weights", type=Path, required=True, help="trained detector (best.pt)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_detector_args(p)
+    p.add_argument("--max-sheet", type=int, default=48, help="images on the contact sheet (default: 48)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("hmbr", help="HMB-R: HMB detections on restored images / on their inputs",
+                       description="Pairs images by file name without extension; HMB-R at --conf plus the curve "
+                                   "over --thresholds; writes hmbr.json, CSVs and a sheet.")
+    p.add_argument("--inputs", type=Path, required=True, help="folder of the degraded inputs")
+    p.add_argument("--restored", type=Path, required=True, help="folder of the restored images (same names)")
+    p.add_argument("--weights", type=Path, required=True, help="trained detector (best.pt)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: --restored/../hmbr)")
+    _add_detector_args(p)
+    p.add_argument("--thresholds", default="0.05:0.95:0.05",
+                   help="curve thresholds, START:STOP:STEP or comma list (default: 0.05:0.95:0.05)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default: 0.25, ultralytics' default)")
+    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU (default: 0.7)")
+    p.add_argument("--imgsz", type=int, default=512, help="inference size (default: 512)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] / N (default: cpu)")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass (default: 16)")
 
 
 def _load_recipe(args: argparse.Namespace):
@@ -170,7 +233,79 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"synth": cmd_synth, "degrade": cmd_degrade, "replay": cmd_replay, "inspect": cmd_inspect, "bench": cmd_bench}
+def _detection_errors(fn):
+    """Detection commands report their own errors (kept apart from main's list to stay merge-friendly)."""
+    def run(args: argparse.Namespace) -> int:
+        from haodiff_data.detect.export import ExportError
+        from haodiff_data.detect.yolo import DetectorError
+
+        try:
+            return fn(args)
+        except (ExportError, DetectorError, ValueError) as exc:
+            print(f"haodiff-data {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return run
+
+
+@_detection_errors
+def cmd_yolo_export(args: argparse.Namespace) -> int:
+    from haodiff_data.detect.export import ExportConfig, export, format_counts
+
+    cfg = ExportConfig(val_fraction=args.val_fraction, min_area=args.min_area, split_by=args.split_by)
+    summary = export(args.shards, args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(format_counts(summary, args.out))
+    return EXIT_REJECTS if summary["skipped"] else EXIT_OK
+
+
+@_detection_errors
+def cmd_detect(args: argparse.Namespace) -> int:
+    if args.detect_command == "train":
+        from haodiff_data.detect.train import TrainConfig, train
+
+        cfg = TrainConfig(data=args.data, out=args.out, model=args.model, weights=args.weights, imgsz=args.imgsz,
+                          epochs=args.epochs, hours=args.hours, batch=args.batch, device=args.device,
+                          workers=args.workers, seed=args.seed, patience=args.patience, precision=args.precision,
+                          plots=not args.no_plots)
+        metrics = train(cfg)
+        print(f"best.pt on the synthetic val ({metrics['val_images']} images): mAP50 {metrics['mAP50']:.4f}  "
+              f"mAP50-95 {metrics['mAP50-95']:.4f}  precision {metrics['precision']:.4f}  "
+              f"recall {metrics['recall']:.4f}  (train {metrics['train_s']} s) -> {args.out}")
+        return EXIT_OK
+    from haodiff_data.detect.predict import PredictConfig, format_summary, predict
+
+    cfg = PredictConfig(weights=args.weights, conf=args.conf, iou=args.iou, imgsz=args.imgsz, device=args.device,
+                        batch=args.batch)
+    summary = predict(args.inputs, args.out, cfg, max_sheet=args.max_sheet, progress=not args.no_progress)
+    print(format_summary(summary, args.out))
+    return EXIT_REJECTS if summary["unreadable"] else EXIT_OK
+
+
+def _thresholds(text: str) -> list[float]:
+    if ":" in text:
+        start, stop, step = (float(v) for v in text.split(":"))
+        if step <= 0 or stop < start:
+            raise ValueError(f"--thresholds {text}: need START <= STOP and STEP > 0")
+        n = int(round((stop - start) / step)) + 1
+        return [round(start + i * step, 6) for i in range(n)]
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+@_detection_errors
+def cmd_hmbr(args: argparse.Namespace) -> int:
+    from haodiff_data.detect.hmbr import compute_hmbr
+
+    result = compute_hmbr(args.inputs, args.restored, args.weights, conf=args.conf,
+                          thresholds=_thresholds(args.thresholds), imgsz=args.imgsz, iou=args.iou,
+                          device=args.device, batch=args.batch, progress=not args.no_progress)
+    out = args.out or args.restored.resolve().parent / "hmbr"
+    for path in result.write(out):
+        print(path)
+    print(result.summary_line())
+    return EXIT_OK
+
+
+COMMANDS = {"synth": cmd_synth, "degrade": cmd_degrade, "replay": cmd_replay, "inspect": cmd_inspect, "bench": cmd_bench,
+            "yolo-export": cmd_yolo_export, "detect": cmd_detect, "hmbr": cmd_hmbr}
 
 
 def main(argv: list[str] | None = None) -> int:
