@@ -145,6 +145,22 @@ def _add_detection_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+    p = sub.add_parser("mpii-test", help="MPII Human Pose annotations + images -> MPII-Test crops, manifest, counts",
+                       description="Crops of annotated people selected by the rules in pipelines/mpii_test.yaml; "
+                                   "manifest.jsonl, summary.json with the persons each rule dropped; with --detector "
+                                   "also hmb.jsonl and the HMB counts.")
+    p.add_argument("--annotations", type=Path, required=True, help="mpii_human_pose_v1_u12_1.mat")
+    p.add_argument("--images", type=Path, required=True, help="folder of MPII images (mpii_human_pose_v1/images)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--rules", default="mpii_test", help="rules YAML name in pipelines/ or a path (default: mpii_test)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N annotated images")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--detector", type=Path, default=None, help="HMB detector (best.pt): count HMB on the crops")
+    _add_detector_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default: 0.25, ultralytics' default)")
     p.add_argument("--iou", type=float, default=0.7, help="NMS IoU (default: 0.7)")
@@ -304,8 +320,30 @@ def cmd_hmbr(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_detection_errors
+def cmd_mpii_test(args: argparse.Namespace) -> int:
+    from haodiff_data.mpii.annotations import AnnotationError
+    from haodiff_data.mpii.crops import MPIIRun, MPIIRunError, detect_hmb, format_hmb, format_summary, run
+    from haodiff_data.mpii.select import load_config
+
+    if args.workers < 1:
+        raise ValueError("--workers must be >= 1")
+    try:
+        cfg = MPIIRun(annotations=args.annotations, images=args.images, out=args.out, rules=load_config(args.rules),
+                      workers=args.workers, resume=args.resume, limit=args.limit, progress=not args.no_progress)
+        summary = run(cfg)
+    except (AnnotationError, MPIIRunError) as exc:
+        raise ValueError(str(exc)) from None
+    print(format_summary(summary))
+    if args.detector:
+        counts = detect_hmb(args.out, args.detector, args.conf, args.imgsz, args.device, args.batch,
+                            not args.no_progress)
+        print(format_hmb(counts))
+    return EXIT_REJECTS if summary["unreadable_images"] else EXIT_OK
+
+
 COMMANDS = {"synth": cmd_synth, "degrade": cmd_degrade, "replay": cmd_replay, "inspect": cmd_inspect, "bench": cmd_bench,
-            "yolo-export": cmd_yolo_export, "detect": cmd_detect, "hmbr": cmd_hmbr}
+            "yolo-export": cmd_yolo_export, "detect": cmd_detect, "hmbr": cmd_hmbr, "mpii-test": cmd_mpii_test}
 
 
 def main(argv: list[str] | None = None) -> int:
