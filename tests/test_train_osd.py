@@ -3,13 +3,13 @@ config parses, missing paths are named, a few steps reduce the loss on a fixed b
 reproduces the uninterrupted one bit for bit, and the exported official files load back."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-import yaml
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -24,11 +24,11 @@ from haodiff_model.bench.osd import (  # noqa: E402
     TINY_VAE_CONFIG,
 )
 from haodiff_model.config import ConfigError  # noqa: E402
-from haodiff_model.io.official import load_img_encoder, save_dpg  # noqa: E402
-from haodiff_model.io.official import load_lora_weights  # noqa: E402
+from haodiff_model.io.official import load_img_encoder, load_lora_weights, save_dpg  # noqa: E402
 from haodiff_model.losses.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
 from haodiff_model.losses.vgg import vgg16_features  # noqa: E402
-from haodiff_model.nets.dpg import DPGNetwork  # noqa: E402
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork  # noqa: E402
+from haodiff_model.nets.prompt import PromptEmbedderConfig  # noqa: E402
 from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
 from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
 from haodiff_model.train.distributed import DistContext  # noqa: E402
@@ -85,8 +85,7 @@ def files(tmp_path_factory):
 
 def _config(files: Path, out: Path, **sections) -> TrainOSDConfig:
     """The shipped pipelines/train_osd.yaml with tiny models and local paths patched in."""
-    with open(ROOT / "pipelines" / "train_osd.yaml") as f:
-        data = yaml.safe_load(f)
+    data = TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml").to_dict()
     patch = {
         "dpg": TINY_DPG,
         "prompt_embedder": PROMPT,
@@ -105,12 +104,10 @@ def _config(files: Path, out: Path, **sections) -> TrainOSDConfig:
 
 
 def test_shipped_config_parses_and_placeholders_are_named(files, tmp_path):
-    with open(ROOT / "pipelines" / "train_osd.yaml") as f:
-        shipped = yaml.safe_load(f)
-    with open(ROOT / "pipelines" / "dpg.yaml") as f:
-        dpg = yaml.safe_load(f)
-    assert shipped["dpg"] == dpg["dpg"] and shipped["prompt_embedder"] == dpg["prompt_embedder"]
     cfg = TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml")
+    assert cfg == TrainOSDConfig()  # the shipped file shows the defaults, which are defined once
+    assert cfg.dpg == DPGConfig.from_yaml(ROOT / "pipelines" / "dpg.yaml")  # referenced, not copied
+    assert cfg.prompt_embedder == PromptEmbedderConfig.from_yaml(ROOT / "pipelines" / "dpg.yaml")
     assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.timestep, cfg.model.cfg_scale) == (16, 16.0, 199, 3.5)
     assert (cfg.train.lr, cfg.data.batch_size, cfg.loss.gan_weight) == (1e-5, 2, 0.01)
     assert TrainOSDConfig.from_dict(cfg.to_dict()) == cfg
@@ -119,13 +116,19 @@ def test_shipped_config_parses_and_placeholders_are_named(files, tmp_path):
     for key in ("model.pretrained_model", "model.dpg_weights", "discriminator.model", "loss.vgg16_weights",
                 "loss.dists_weights"):
         assert f"{key} = '/path/to/" in str(err.value)
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lora_rnak'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'model.lora_rnak'"):
         TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml", ["model.lora_rnak=8"])
-    with pytest.raises(ConfigError, match="unknown section"):
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
         TrainOSDConfig.from_dict({"modle": {}})
     missing = _config(files, tmp_path, model={"pretrained_model": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="do not exist: model.pretrained_model: .*nowhere"):
         build_parts(missing)
+    for override, message in [("train.seed=1.5", "train.seed: expected an integer, got 1.5"),
+                              ("train.ema_decay='0.9'", "train.ema_decay: expected a number, got '0.9'"),
+                              ("discriminator.start_step=-1", "discriminator: invalid lora_rank=0"),
+                              ("prompt_embedder.light_changer=1", "prompt_embedder.light_changer: expected true")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml", [override])
     wrong = _config(files, tmp_path, discriminator={"model": str(files / "sd")})
     with pytest.raises(ConfigError, match="is not an SDXL UNet"):
         build_parts(wrong)

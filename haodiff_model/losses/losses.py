@@ -1,5 +1,6 @@
 """Training losses: stage 1 (DPG, paper Eq. 4-5) and stage 2 (restorer, paper Eq. 9-10)."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,17 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - dice).mean()
 
 
+@dataclass(frozen=True)
+class Stage1Loss:
+    """The stage-1 objective's settings (the `loss:` section of pipelines/train_dpg.yaml)."""
+
+    dice_weight: float = 0.02  # alpha of paper Eq. 4
+
+    def __post_init__(self) -> None:
+        if self.dice_weight < 0:
+            raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
+
+
 def stage1_loss(
     pred_hq: torch.Tensor,
     pred_residual: torch.Tensor,
@@ -35,16 +47,16 @@ def stage1_loss(
     hq: torch.Tensor,
     residual: torch.Tensor,
     mask: torch.Tensor,
-    dice_weight: float = 0.02,
+    cfg: Stage1Loss = Stage1Loss(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1(HQ) + L1(residual = LQ - HQ) + dice_weight * Dice(sigmoid(mask_logits), M_HMB).
+    """L1(HQ) + L1(residual = LQ - HQ) + cfg.dice_weight * Dice(sigmoid(mask_logits), M_HMB).
 
     Returns the total and its weighted terms (detached, for logging): total == sum of the parts.
     """
     parts = {
         "l1_hq": F.l1_loss(pred_hq, hq),
         "l1_residual": F.l1_loss(pred_residual, residual),
-        "dice": dice_weight * dice_loss(mask_logits, mask),
+        "dice": cfg.dice_weight * dice_loss(mask_logits, mask),
     }
     total = parts["l1_hq"] + parts["l1_residual"] + parts["dice"]
     return total, {k: v.detach() for k, v in parts.items()}

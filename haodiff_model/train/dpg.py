@@ -31,27 +31,33 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
-from haodiff_model.io.official import load_dpg_weights, save_dpg
-from haodiff_model.losses.losses import stage1_loss
+from haodiff_model.config import RunConfig
+from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights, save_dpg
+from haodiff_model.losses.losses import Stage1Loss, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
-    PRECISIONS, OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
+    OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
 )
 from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
 
-SCHEDULERS = ("constant", "cosine")
 DPG_WEIGHTS = "dpg.pth"
 LOSS_PARTS = ("l1_hq", "l1_residual", "dice")
 _DROP_PATH_STREAM = 101  # seed tag of the drop-path generators, apart from the data streams' tags
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the trained DPG starts: the official initialisation, or these stage-1 weights."""
+
+    init_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,50 +67,43 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    dice_weight: float = 0.02
-    scheduler: str = "constant"
+    scheduler: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
-    init_weights: str | None = None
-    device: str | None = None
+    device: Literal["cuda", "cpu"] | None = None
 
     def __post_init__(self) -> None:
-        check_scalar_types(self)
         checks = {
             "max_steps": self.max_steps >= 1,
             "lr": self.lr > 0,
-            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas": all(0 <= b < 1 for b in self.betas),
             "eps": self.eps > 0,
             "weight_decay": self.weight_decay >= 0,
-            "dice_weight": self.dice_weight >= 0,
-            "scheduler": self.scheduler in SCHEDULERS,
             "warmup_steps": self.warmup_steps >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
-            "precision": self.precision in PRECISIONS,
             "seed": self.seed >= 0,
-            "device": self.device in (None, "cuda", "cpu"),
         }
         bad = [n for n, ok in checks.items() if not ok]
         if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) +
-                             f" (scheduler: {SCHEDULERS}, precision: {PRECISIONS}, device: cuda|cpu|null)")
+            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
 
 
 @dataclass(frozen=True)
 class TrainDPGConfig(RunConfig):
-    """The whole stage-1 run; YAML sections model / data / train / val / output (see pipelines/train_dpg.yaml)."""
+    """The whole stage-1 run; YAML sections dpg / model / loss / data / train / val / output
+    (see pipelines/train_dpg.yaml)."""
 
-    RUN_DEFAULTS = {"data": {"urls": ["shards/*.tar"]}, "output": {"dir": "runs/dpg"}}
-
-    model: DPGConfig = field(default_factory=DPGConfig)
-    data: ShardStreamConfig = field(default_factory=lambda: TrainDPGConfig.run_default("data"))
+    dpg: DPGConfig = field(default_factory=DPGConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    loss: Stage1Loss = field(default_factory=Stage1Loss)
+    data: ShardStreamConfig = field(default_factory=ShardStreamConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     val: ValSettings = field(default_factory=ValSettings)
-    output: OutputSettings = field(default_factory=lambda: TrainDPGConfig.run_default("output"))
+    output: OutputSettings = field(default_factory=lambda: OutputSettings(dir="runs/dpg"))
 
 
 def lr_factor(step: int, t: TrainSettings) -> float:
@@ -127,7 +126,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainSettings) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
 
 
-def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], dice_weight: float,
+def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_cfg: Stage1Loss,
                      amp_dtype: torch.dtype | None, device: torch.device
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """LQ -> predictions -> stage-1 loss (computed in fp32). Returns (loss, parts, predictions)."""
@@ -135,16 +134,17 @@ def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], dice_w
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         preds = model(lq)
     preds = [p.float() for p in preds]
-    loss, parts = stage1_loss(*preds, hq, residual, mask, dice_weight)
+    loss, parts = stage1_loss(*preds, hq, residual, mask, loss_cfg)
     return loss, parts, preds
 
 
 def dpg_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
-                   dice_weight: float = 0.02, grad_clip: float | None = 1.0, amp_dtype: torch.dtype | None = None,
+                   loss_cfg: Stage1Loss = Stage1Loss(), grad_clip: float | None = 1.0,
+                   amp_dtype: torch.dtype | None = None,
                    device: torch.device | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer update on `batch`; returns (loss, parts, pre-clip gradient norm), all on device (no sync)."""
     device = device or next(model.parameters()).device
-    loss, parts, _ = dpg_forward_loss(model, batch, dice_weight, amp_dtype, device)
+    loss, parts, _ = dpg_forward_loss(model, batch, loss_cfg, amp_dtype, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
@@ -180,9 +180,9 @@ class DPGTrainer(Trainer):
         self.train_urls, self.val_urls = split_holdout(cfg)
 
         t = cfg.train
-        self.model = DPGNetwork(cfg.model, torch.Generator().manual_seed(t.seed))
-        if state is None and t.init_weights:
-            self.say(str(load_dpg_weights(self.model, t.init_weights)))
+        self.model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(t.seed))
+        if state is None and cfg.model.init_weights:
+            self.say(str(load_dpg_weights(self.model, cfg.model.init_weights)))
         self.model.to(ctx.device)
         self.drop_path_gen = torch.Generator(device=ctx.device)
         self.model.set_drop_path_generator(self.drop_path_gen)
@@ -209,11 +209,11 @@ class DPGTrainer(Trainer):
         return {"drop_path": self.drop_path_gen}
 
     def _restore(self, state: Mapping[str, Any]) -> None:
-        saved_model = dict(state["config"]["model"])
-        current = self.cfg.to_dict()["model"]
+        saved_model = dict(state["config"]["dpg"])
+        current = self.cfg.to_dict()["dpg"]
         diff = sorted(k for k in current if k != "attention" and saved_model.get(k) != current[k])
         if diff:
-            raise ConfigError(f"the checkpoint's model config differs in {diff}: "
+            raise CheckpointMismatchError(f"the checkpoint's dpg architecture differs in {diff}: "
                               + ", ".join(f"{k}: {saved_model.get(k)!r} -> {current[k]!r}" for k in diff))
         self.step = apply_state(state, self.models(), self.optimizers(), self.schedulers())
         rank, world = self.ctx.rank, self.ctx.world_size
@@ -237,7 +237,7 @@ class DPGTrainer(Trainer):
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         t = self.cfg.train
-        loss, parts, norm = dpg_train_step(self.ddp, self.optimizer, batch, t.dice_weight, t.grad_clip,
+        loss, parts, norm = dpg_train_step(self.ddp, self.optimizer, batch, self.cfg.loss, t.grad_clip,
                                            self.amp_dtype, self.ctx.device)
         self.scheduler.step()
         return torch.stack([loss, *(parts[k] for k in LOSS_PARTS), norm])
@@ -259,7 +259,7 @@ class DPGTrainer(Trainer):
             return None
         self.model.eval()
         try:
-            loss, parts, preds = dpg_forward_loss(self.model, self.val_batch, self.cfg.train.dice_weight,
+            loss, parts, preds = dpg_forward_loss(self.model, self.val_batch, self.cfg.loss,
                                                   self.amp_dtype, self.ctx.device)
         finally:
             self.model.train()

@@ -21,7 +21,8 @@ import torch
 import yaml
 from torch import nn
 
-from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
+from haodiff_data.config import ConfigError
+from haodiff_model.config import RunConfig
 from haodiff_model.train.data import ShardLoader, ShardStreamConfig, make_loader, resolve_urls
 from haodiff_model.train.distributed import (
     DistContext, all_gather_objects, barrier, broadcast_object, mean_scalars, shutdown_distributed,
@@ -30,7 +31,6 @@ from haodiff_model.train.state import (
     METRICS_FILE, CheckpointManager, MetricLogger, capture_rng, collect_state, plot_metrics, save_png,
 )
 
-PRECISIONS = ("bf16", "fp32")
 # ShardStreamConfig fields that do not change which batches a rank gets
 _STREAM_NEUTRAL = ("max_failures", "timeout_s", "pin_memory")
 
@@ -45,21 +45,19 @@ class ValSettings:
     every: int = 1000
 
     def __post_init__(self) -> None:
-        check_scalar_types(self)
         if self.samples < 1 or self.every < 0:
             raise ValueError(f"invalid samples={self.samples!r} (>= 1) or every={self.every!r} (>= 0, 0 = off)")
 
 
 @dataclass(frozen=True)
 class OutputSettings:
-    dir: str
+    dir: str = "runs"
     log_every: int = 50
     ckpt_every: int = 2000
     keep_last: int = 3
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        check_scalar_types(self)
         bad = [n for n in ("log_every", "ckpt_every", "keep_last") if getattr(self, n) < 1]
         if bad:
             raise ValueError("must be >= 1: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
@@ -321,6 +319,6 @@ class Trainer(abc.ABC):
         return files
 
 
-__all__ = ["OutputSettings", "PRECISIONS", "Trainer", "ValSettings", "autocast_dtype",
+__all__ = ["OutputSettings", "Trainer", "ValSettings", "autocast_dtype",
            "build_train_loader", "load_val_batch", "run_from_args", "split_holdout",
            "stream_settings"]

@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ from haodiff_model.nets.sdxl_cond import SDXLConditioner, load_sdxl_conditioner,
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
-    PRECISIONS, OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
+    OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
 )
 from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
 
@@ -75,8 +75,8 @@ _VAE_STREAM, _GAN_STREAM, _REDRAW_STREAM, _INIT_STREAM, _VAL_STREAM = 201, 202, 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    pretrained_model: str = ""
-    dpg_weights: str | None = None
+    pretrained_model: str = PLACEHOLDER + "stable-diffusion-2-1-base"
+    dpg_weights: str | None = PLACEHOLDER + "dpg.pth"
     init_img_encoder: str | None = None
     init_lora: str | None = None
     lora_rank: int = 16
@@ -95,7 +95,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class DiscriminatorSettings:
     backbone: str = "sdxl"
-    model: str | None = None
+    model: str | None = PLACEHOLDER + "stable-diffusion-xl-base-1.0"
     lora_rank: int = 0
     head_channels: int = 256
     head_layers: int = 2
@@ -114,8 +114,8 @@ class DiscriminatorSettings:
 
 @dataclass(frozen=True)
 class LossSettings:
-    vgg16_weights: str = ""
-    dists_weights: str = ""
+    vgg16_weights: str = PLACEHOLDER + "vgg16.pth"
+    dists_weights: str = PLACEHOLDER + "dists_weights.pt"
     gan_weight: float = 0.01
 
     def __post_init__(self) -> None:
@@ -132,10 +132,10 @@ class TrainSettings:
     eps: float = 1e-8
     weight_decay: float = 1e-2
     grad_clip: float | None = 1.0
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     ema_decay: float | None = None
     seed: int = 0
-    device: str | None = None
+    device: Literal["cuda", "cpu"] | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -146,33 +146,29 @@ class TrainSettings:
             "eps": self.eps > 0,
             "weight_decay": self.weight_decay >= 0,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
-            "precision": self.precision in PRECISIONS,
             "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
             "seed": self.seed >= 0,
-            "device": self.device in (None, "cuda", "cpu"),
         }
         bad = [n for n, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) +
-                             f" (precision: {PRECISIONS}, ema_decay in (0, 1) or null, device: cuda|cpu|null)")
+                             " (ema_decay in (0, 1) or null)")
 
 
 @dataclass(frozen=True)
 class TrainOSDConfig(RunConfig):
     """The whole stage-2 run; YAML sections as the fields (see pipelines/train_osd.yaml)."""
 
-    RUN_DEFAULTS = {"data": {"urls": ["shards/*.tar"], "batch_size": 2}, "val": {"samples": 2},
-                    "output": {"dir": "runs/osd"}}
 
     dpg: DPGConfig = field(default_factory=DPGConfig)
     prompt_embedder: PromptEmbedderConfig = field(default_factory=PromptEmbedderConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
     discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
     loss: LossSettings = field(default_factory=LossSettings)
-    data: ShardStreamConfig = field(default_factory=lambda: TrainOSDConfig.run_default("data"))
+    data: ShardStreamConfig = field(default_factory=lambda: ShardStreamConfig(batch_size=2))
     train: TrainSettings = field(default_factory=TrainSettings)
-    val: ValSettings = field(default_factory=lambda: TrainOSDConfig.run_default("val"))
-    output: OutputSettings = field(default_factory=lambda: TrainOSDConfig.run_default("output"))
+    val: ValSettings = field(default_factory=lambda: ValSettings(samples=2))
+    output: OutputSettings = field(default_factory=lambda: OutputSettings(dir="runs/osd"))
 
 
 _PATH_KEYS = {
@@ -257,7 +253,7 @@ def load_trainable_state(module: nn.Module, state: Mapping[str, torch.Tensor], w
     own = dict(module.named_parameters())
     expected = {n for n, p in own.items() if p.requires_grad}
     if set(state) != expected:
-        raise ConfigError(f"checkpoint {what}: trainable parameters differ; missing {sorted(expected - set(state))[:6]}, "
+        raise CheckpointMismatchError(f"checkpoint {what}: trainable parameters differ; missing {sorted(expected - set(state))[:6]}, "
                           f"unexpected {sorted(set(state) - expected)[:6]}")
     with torch.no_grad():
         for name, value in state.items():
@@ -297,7 +293,7 @@ class EMA:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if set(state) != set(self.shadow):
-            raise ConfigError("checkpoint EMA: parameter names differ from the model's")
+            raise CheckpointMismatchError("checkpoint EMA: parameter names differ from the model's")
         for n, v in state.items():
             self.shadow[n].copy_(v)
 
@@ -619,7 +615,7 @@ class OSDTrainer(Trainer):
                                                 "head_norm_groups")]
         diff = [f"{s}.{k}" for s, k in arch if saved[s].get(k) != current[s][k]]
         if diff:
-            raise ConfigError(f"the checkpoint's architecture differs in {diff}")
+            raise CheckpointMismatchError(f"the checkpoint's architecture differs in {diff}")
         s = self.step_fn
         self.step = apply_state(state, self.models(), self.optimizers(), {})
         load_trainable_state(s.restorer.unet, state["unet_lora"], "unet_lora")
@@ -627,7 +623,7 @@ class OSDTrainer(Trainer):
             load_trainable_state(s.disc_module.disc, state["discriminator"], "discriminator")
         if s.ema is not None:
             if state.get("ema") is None:
-                raise ConfigError("train.ema_decay is set but the checkpoint has no EMA; resume without EMA")
+                raise CheckpointMismatchError("train.ema_decay is set but the checkpoint has no EMA; resume without EMA")
             s.ema.load_state_dict(state["ema"])
         rank, world = self.ctx.rank, self.ctx.world_size
         if state["world_size"] == world:

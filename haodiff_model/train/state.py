@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from haodiff_data.shards.writer import fsync_dir, atomic_write_bytes
+from haodiff_data.atomic import atomic_write_bytes, fsync_dir
 from haodiff_model.train.distributed import unwrap
 
 STATE_FILE = "state.pt"
