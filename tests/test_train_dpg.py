@@ -177,6 +177,47 @@ def test_lr_schedule_closed_forms() -> None:
     assert all(lr_factor(s, TrainSettings()) == 1.0 for s in (0, 5000, 19999))
 
 
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], expected: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"haodiff-train {argv[0]}: error: "), err
+    assert expected in err, err
+
+
+def test_user_mistakes_get_a_one_line_message(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    config = _write(tmp_path / "c.yaml", _config(shards, run, train={"max_steps": 2, "device": "cpu"},
+                                               val={"every": 0}, output={"ckpt_every": 1}))
+    assert main(["dpg", "--config", str(config)]) == 0
+    state_pt = run / "checkpoints" / "step-00000002" / "state.pt"
+
+    # a resumable state given as starting weights, weights of another architecture
+    _one_line_error(capsys, ["dpg", "--config", str(config), "--out", str(tmp_path / "a"),
+                             "--set", f"model.init_weights={state_pt}"], "is a resumable training state (state.pt)")
+    _one_line_error(capsys, ["dpg", "--config", str(config), "--out", str(tmp_path / "b"), "--set",
+                             f"model.init_weights={run / 'dpg.pth'}", "--set", "dpg.embed_dim=6"],
+                    "model.init_weights does not fit the dpg section")
+    # resuming below the checkpoint's step, or a folder of the other stage
+    _one_line_error(capsys, ["dpg", "--config", str(config), "--resume", "--max-steps", "1"],
+                    "is at step 2, beyond train.max_steps=1")
+    osd_run = tmp_path / "osd_run"
+    CheckpointManager(osd_run / "checkpoints").save(5, {"step": 5, "models": {"prompt_encoder": {}}, "stage": "osd"})
+    _one_line_error(capsys, ["dpg", "--config", str(config), "--resume", "--out", str(osd_run)],
+                    f"{osd_run} holds a stage-2 run (osd): resume it with `haodiff-train osd --resume`")
+    # a crop larger than the images: one message, not a hundred decode failures
+    _one_line_error(capsys, ["dpg", "--config", str(config), "--out", str(tmp_path / "c"),
+                             "--set", "data.crop_size=128"], "data.crop_size=128 is larger than the images")
+    _one_line_error(capsys, ["dpg", "--config", str(config), "--out", str(tmp_path / "d"),
+                             "--set", "data.crop_size=128", "--set", "data.num_workers=1"],
+                    "data.crop_size=128 is larger than the images")
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, ["dpg", "--config", str(config), "--out", str(tmp_path / "e"),
+                                 "--set", "train.device=cuda"], "train.device=cuda but this torch build sees no CUDA")
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["train/skipped_samples"] for r in records if "train/loss" in r] == [0, 0]
+
+
 def test_cli_end_to_end_outputs(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     config = _write(tmp_path / "c.yaml", _config(shards, tmp_path / "ignored"))

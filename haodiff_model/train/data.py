@@ -47,6 +47,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from haodiff_data.config import ConfigError
 from haodiff_data.shards.reader import expand_shards
 from haodiff_data.shards.schema import MEMBERS, SchemaError, decode_png, parse_meta, residual
 
@@ -257,7 +258,7 @@ def _augment(hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, crop: int | None,
     if crop is not None:
         h, w = mask.shape
         if h < crop or w < crop:
-            raise SchemaError(f"{where}: image {w}x{h} is smaller than crop_size {crop}")
+            raise ConfigError(f"data.crop_size={crop} is larger than the images ({where} is {w}x{h})")
         top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
         window = (slice(top, top + crop), slice(left, left + crop))
         hq, lq, mask = hq[window], lq[window], mask[window]
@@ -340,10 +341,14 @@ class ShardLoader:
             dataset, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             timeout=self.cfg.timeout_s if workers > 0 else 0,
         ).with_epoch(self.cfg.epoch_length - offset)
-        for batch in loader:
-            self._account(batch.pop("_report"), len(batch["key"]))
-            self.step += 1
-            yield batch
+        try:
+            for batch in loader:
+                self._account(batch.pop("_report"), len(batch["key"]))
+                self.step += 1
+                yield batch
+        except ConfigError as exc:  # from a worker: its message is the last line of the wrapped traceback
+            last = str(exc).strip().splitlines()[-1]
+            raise ConfigError(last.removeprefix(f"{ConfigError.__module__}.ConfigError: ")) from None
 
     def _account(self, report: _WorkerReport, samples: int) -> None:
         stats = self.worker_stats.setdefault(report.worker, WorkerStats())

@@ -169,6 +169,7 @@ def validation_grid(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Ten
 class DPGTrainer(Trainer):
     """Stage-1 training loop; build it on every rank, then `run()`."""
 
+    STAGE = "dpg"
     LOG_NAMES = ("loss", *LOSS_PARTS, "grad_norm")
     PLOT_KEYS = ("train/loss", *(f"train/{k}" for k in LOSS_PARTS), "val/loss")
     OUTPUT_FILES = (DPG_WEIGHTS,)
@@ -182,7 +183,12 @@ class DPGTrainer(Trainer):
         t = cfg.train
         self.model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(t.seed))
         if state is None and cfg.model.init_weights:
-            self.say(str(load_dpg_weights(self.model, cfg.model.init_weights)))
+            try:
+                self.say(str(load_dpg_weights(self.model, cfg.model.init_weights)))
+            except CheckpointMismatchError as exc:
+                summary = " ".join(line.strip() for line in str(exc).splitlines())
+                summary = summary if len(summary) < 400 else summary[:400] + " ..."
+                raise CheckpointMismatchError(f"model.init_weights does not fit the dpg section: {summary}") from None
         self.model.to(ctx.device)
         self.drop_path_gen = torch.Generator(device=ctx.device)
         self.model.set_drop_path_generator(self.drop_path_gen)

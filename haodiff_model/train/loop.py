@@ -135,6 +135,7 @@ class Trainer(abc.ABC):
     rank), `extra_state` and `extra_train_metrics`.
     """
 
+    STAGE: ClassVar[str] = ""  # the haodiff-train subcommand, stored in checkpoints
     LOG_NAMES: ClassVar[tuple[str, ...]] = ()
     PLOT_KEYS: ClassVar[tuple[str, ...]] = ()
     OUTPUT_FILES: ClassVar[tuple[str, ...]] = ()
@@ -156,15 +157,19 @@ class Trainer(abc.ABC):
         if self.ctx.is_main:
             latest = self.ckpts.latest()
             if latest is not None and resume:
-                decision = ("resume", (str(latest), CheckpointManager.load(latest)))
+                state = CheckpointManager.load(latest)
+                problem = self._resume_problem(state)
+                decision = ("config", problem) if problem else ("resume", (str(latest), state))
             elif latest is not None:
-                decision = ("error", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
-                                      "to continue that run or choose another output directory"))
+                decision = ("exists", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
+                                       "to continue that run or choose another output directory"))
             else:
                 decision = ("fresh", "no checkpoint found, starting from scratch" if resume else "")
         kind, payload = broadcast_object(decision)
-        if kind == "error":
+        if kind == "exists":
             raise FileExistsError(payload)
+        if kind == "config":
+            raise ConfigError(payload)
         if kind == "fresh":
             if payload:
                 self.say(payload)
@@ -172,6 +177,18 @@ class Trainer(abc.ABC):
         path, state = payload
         self.say(f"resuming from {path} (step {state['step']})")
         return state
+
+    def _resume_problem(self, state: Mapping[str, Any]) -> str:
+        """Why `state` cannot be resumed by this trainer and config ("" when it can)."""
+        # checkpoints written before the stage was stored are told apart by their models
+        stage = state.get("stage") or ("dpg" if "dpg" in state["models"] else "osd")
+        if stage != self.STAGE:
+            return (f"{self.out} holds a stage-{'1' if stage == 'dpg' else '2'} run ({stage}): resume it with "
+                    f"`haodiff-train {stage} --resume`, or give this {self.STAGE} run another output folder")
+        if state["step"] > self.cfg.train.max_steps:
+            return (f"the checkpoint in {self.out} is at step {state['step']}, beyond train.max_steps="
+                    f"{self.cfg.train.max_steps}: pass a larger --max-steps to continue it")
+        return ""
 
     def _check_data_settings(self, state: Mapping[str, Any]) -> None:
         if state["data"] != stream_settings(self.cfg.data, self.train_urls):
@@ -267,6 +284,7 @@ class Trainer(abc.ABC):
         metrics["train/it_per_s"] = count / elapsed
         metrics["train/samples_per_s"] = count * batch_size * self.ctx.world_size / elapsed
         metrics["train/data_wait_frac"] = wait / elapsed
+        metrics["train/skipped_samples"] = self._skipped()
         if self.ctx.device.type == "cuda":
             metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         self.metrics.log(self.step, metrics)
@@ -296,14 +314,21 @@ class Trainer(abc.ABC):
         state = collect_state(self.step, self.models(), self.optimizers(), self.schedulers(), rng=rng,
                               world_size=self.ctx.world_size, loader_step=self.loader.step,
                               data=stream_settings(self.cfg.data, self.train_urls), config=self.cfg.to_dict(),
+                              stage=self.STAGE,
                               **self.extra_state())
         path = self.ckpts.save(self.step, state, extra=self.write_outputs)
         self.say(f"saved {path}")
         return path
 
+    def _skipped(self) -> int:
+        """Shards and samples the data loaders skipped so far, all ranks together (a collective call)."""
+        mean = mean_scalars({"skipped": self.loader.skipped_total()}, self.ctx.device)["skipped"]
+        return round(mean * self.ctx.world_size)
+
     def _finish(self) -> list[Path]:
         """The official files in the output folder (copied from the final checkpoint when it is this step's)."""
         files = [self.out / name for name in self.OUTPUT_FILES]
+        skipped = self._skipped()
         if self.ctx.is_main:
             latest = self.ckpts.latest()
             if latest is not None and latest.name == self.ckpts.path_for(self.step).name:
@@ -313,7 +338,8 @@ class Trainer(abc.ABC):
                 self.write_outputs(self.out)
             if (self.out / METRICS_FILE).is_file():
                 self._plot()
-            self.say(f"done at step {self.step}: {', '.join(str(f) for f in files)}")
+            self.say(f"done at step {self.step}: {', '.join(str(f) for f in files)}; "
+                     f"{skipped} shard(s) or sample(s) skipped by the data loader")
         self.metrics.close()
         barrier()
         return files

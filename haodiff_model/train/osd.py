@@ -408,7 +408,10 @@ def build_parts(cfg: TrainOSDConfig) -> Stage2Parts:
     """Every stage-2 model from the files the config names (CPU, float32)."""
     notes: list[str] = []
     paths = resolve_paths(cfg)
-    ea_dists = EdgeAwareDISTS.from_files(paths["loss.vgg16_weights"], paths["loss.dists_weights"])
+    try:
+        ea_dists = EdgeAwareDISTS.from_files(paths["loss.vgg16_weights"], paths["loss.dists_weights"])
+    except ValueError as exc:
+        raise CheckpointMismatchError(f"loss.vgg16_weights / loss.dists_weights: {exc}") from exc
     encoder = build_prompt_encoder(cfg, paths, notes)
     restorer = build_restorer(cfg, paths, notes)
     disc, conditioner = build_discriminator(cfg, paths, notes)
@@ -565,6 +568,7 @@ def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
 class OSDTrainer(Trainer):
     """Stage-2 training loop; build it on every rank, then `run()`."""
 
+    STAGE = "osd"
     LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
     PLOT_KEYS = ("train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss")
     OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE)
