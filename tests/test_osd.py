@@ -22,6 +22,7 @@ from haodiff_model.nets.restorer import (  # noqa: E402
     OneStepRestorer,
     add_unet_lora,
     alphas_cumprod_from_config,
+    cast_frozen_,
     lora_target_modules,
 )
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig  # noqa: E402
@@ -184,7 +185,7 @@ def test_gradients_reach_lora_and_prompts_with_checkpointing_unchanged():
 
 def test_cast_frozen_keeps_lora_in_float32():
     r = _restorer()
-    r.cast_frozen_(torch.bfloat16)
+    cast_frozen_(r, torch.bfloat16)
     for name, p in r.named_parameters():
         assert p.dtype == (torch.float32 if ".lora_" in name else torch.bfloat16), name
 

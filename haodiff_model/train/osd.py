@@ -368,9 +368,8 @@ def discriminator_from_unet(unet: nn.Module, d: DiscriminatorSettings, p: Prompt
                           f"prompt_embedder.embed_dim={p.embed_dim} (it is conditioned on the positive prompt)")
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # the down/mid blocks D keeps recompute in backward
-    # The head (and D LoRA, via peft) draw their initial weights from the global RNG.
-    torch.manual_seed(derive_seed(seed, _INIT_STREAM, 2))
-    disc = LatentDiscriminator(unet, d.head_channels, d.head_layers, d.head_norm_groups, d.lora_rank)
+    disc = LatentDiscriminator(unet, d.head_channels, d.head_layers, d.head_norm_groups, d.lora_rank,
+                               generator=torch.Generator().manual_seed(derive_seed(seed, _INIT_STREAM, 2)))
     conditioner = None
     if sdxl:
         gen = torch.Generator().manual_seed(derive_seed(seed, _INIT_STREAM, 3))
