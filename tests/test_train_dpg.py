@@ -325,3 +325,10 @@ def test_bench_gpu_cpu_smoke(capsys: pytest.CaptureFixture) -> None:
     assert report["train"]["ours"]["attention"] == "sdpa" and report["train"]["baseline"]["attention"] == "explicit"
     variants = report["prompt"]["variants"]
     assert variants["eager_bf16"]["median_ms"] > 0 and variants["cuda_graph_bf16"] == {"skipped": "needs CUDA"}
+
+
+def test_a_non_finite_loss_stops_the_run(shards: Path, tmp_path: Path) -> None:
+    cfg = TrainDPGConfig.from_dict(_config(shards, tmp_path / "run", train={"max_steps": 6, "device": "cpu", "lr": 1e30,
+                                                                           "grad_clip": None}, val={"every": 0}))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        DPGTrainer(cfg, DistContext(), log=lambda m: None).run()

@@ -32,7 +32,9 @@ from haodiff_model.nets.prompt import PromptEmbedderConfig  # noqa: E402
 from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
 from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
 from haodiff_model.train.distributed import DistContext  # noqa: E402
-from haodiff_model.train.osd import OSDTrainer, Stage2Step, TrainOSDConfig, build_parts  # noqa: E402
+from haodiff_model.train.osd import (  # noqa: E402
+    OSDTrainer, Stage2Step, TrainOSDConfig, build_parts, export_official,
+)
 from haodiff_model.train.state import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,3 +212,29 @@ def test_resume_reproduces_the_uninterrupted_run_and_exports_load(files, tmp_pat
                        encoder.main_performer.linear_embed.weight)
     assert torch.equal(parts.conditioner.embedding_changer1.linear1.weight,
                        conditioner.embedding_changer1.linear1.weight)
+
+
+def test_discriminator_waits_for_start_step_and_exports_hold_the_ema_weights(files, tmp_path):
+    cfg = _config(files, tmp_path, discriminator={"start_step": 2}, train={"ema_decay": 0.5},
+                  model={"sample_latent": False})
+    step = Stage2Step(build_parts(cfg), cfg.train, cfg.discriminator, cfg.loss, CPU)
+    batch = _fixed_batch(files)
+    d_params = [p for g in step.opt_d.param_groups for p in g["params"]]
+    d_before = [p.detach().clone() for p in d_params]
+    early = [step(batch, i) for i in range(2)]
+    assert all(r["gan"].item() == 0 and r["d_loss"].item() == 0 for r in early)
+    assert all(torch.equal(a, b) for a, b in zip(d_before, d_params))  # D untouched before start_step
+    late = step(batch, 2)
+    assert late["gan"].item() > 0 and late["d_loss"].item() > 0
+    assert all(not torch.equal(a, b) for a, b in zip(d_before, d_params))
+
+    enc_file, _ = export_official(step, tmp_path / "export")
+    exported, _ = load_img_encoder(enc_file)
+    live = dict(step.generator_module.encoder.named_parameters())
+    differs = []
+    for name, value in exported.named_parameters():
+        shadow = step.ema.shadow.get(f"encoder.{name}")
+        if shadow is not None:
+            assert torch.equal(value, shadow), name  # the file holds the EMA weights ...
+            differs.append(not torch.equal(shadow, live[name]))
+    assert differs and any(differs)  # ... which are not the live ones
