@@ -28,7 +28,7 @@ from haodiff_model.losses.losses import Stage1Loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.distributed import DistContext
 from haodiff_model.train.dpg import (
-    DPGTrainer, TrainDPGConfig, TrainSettings, dpg_forward_loss, dpg_train_step, lr_factor,
+    TrainDPGConfig, TrainSettings, dpg_forward_loss, dpg_train_step, lr_factor, train,
 )
 from haodiff_model.train.loop import build_train_loader, split_holdout
 from haodiff_model.train.state import CheckpointManager, read_metrics
@@ -276,10 +276,9 @@ def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str
 
     cfg = TrainDPGConfig.from_dict(cfg_dict)
     ctx = init_distributed("cpu")
-    trainer = DPGTrainer(cfg, ctx, log=lambda m: None)
-    trainer.run()
-    keys = [k for b in islice(build_train_loader(cfg, trainer.train_urls, ctx, 0), 2) for k in b["key"]]
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.model.parameters())).hexdigest()
+    _, model = train(cfg, log=lambda m: None, ctx=ctx)
+    keys = [k for b in islice(build_train_loader(cfg, split_holdout(cfg)[0], ctx, 0), 2) for k in b["key"]]
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     Path(report_dir, f"rank{rank}.json").write_text(json.dumps({"keys": keys, "params": digest,
                                                                 "backend": ctx.backend}))
     shutdown_distributed()
@@ -331,4 +330,4 @@ def test_a_non_finite_loss_stops_the_run(shards: Path, tmp_path: Path) -> None:
     cfg = TrainDPGConfig.from_dict(_config(shards, tmp_path / "run", train={"max_steps": 6, "device": "cpu", "lr": 1e30,
                                                                            "grad_clip": None}, val={"every": 0}))
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        DPGTrainer(cfg, DistContext(), log=lambda m: None).run()
+        train(cfg, log=lambda m: None, ctx=DistContext())

@@ -33,7 +33,7 @@ from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
 from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
 from haodiff_model.train.distributed import DistContext  # noqa: E402
 from haodiff_model.train.osd import (  # noqa: E402
-    OSDTrainer, Stage2Step, TrainOSDConfig, build_parts, export_official,
+    Stage2Step, TrainOSDConfig, build_parts, export_official, train,
 )
 from haodiff_model.train.state import read_metrics  # noqa: E402
 
@@ -174,16 +174,16 @@ def _losses(out: Path) -> list[tuple[int, float, float]]:
 
 def test_resume_reproduces_the_uninterrupted_run_and_exports_load(files, tmp_path):
     straight = _config(files, tmp_path / "straight", train={"max_steps": 4, "ema_decay": 0.5})
-    enc_file, lora_file = OSDTrainer(straight, CPU, log=lambda m: None).run()
+    enc_file, lora_file = train(straight, log=lambda m: None, ctx=CPU)
     reference = _losses(tmp_path / "straight")
     assert [s for s, _, _ in reference] == [1, 2, 3, 4]
 
     first = _config(files, tmp_path / "resumed", train={"max_steps": 2, "ema_decay": 0.5})
-    OSDTrainer(first, CPU, log=lambda m: None).run()
+    train(first, log=lambda m: None, ctx=CPU)
     second = dataclasses.replace(first, train=dataclasses.replace(first.train, max_steps=4))
     with pytest.raises(FileExistsError, match="--resume"):
-        OSDTrainer(second, CPU, log=lambda m: None)
-    OSDTrainer(second, CPU, resume=True, log=lambda m: None).run()
+        train(second, log=lambda m: None, ctx=CPU)
+    train(second, resume=True, log=lambda m: None, ctx=CPU)
     assert _losses(tmp_path / "resumed") == reference  # bit for bit, D included
     val = [r["val/loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "val/loss" in r]
     assert val == [r["val/loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val/loss" in r]

@@ -44,12 +44,15 @@ from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
-    OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
+    OutputSettings, Run, TrainMeter, ValSettings, autocast_dtype, batches, build_train_loader, load_val_batch,
+    restore_rngs, run_from_args, split_holdout,
 )
-from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
+from haodiff_model.train.state import apply_state, derive_seed, image_grid, to_rgb_uint8
 
 DPG_WEIGHTS = "dpg.pth"
 LOSS_PARTS = ("l1_hq", "l1_residual", "dice")
+LOG_NAMES = ("loss", *LOSS_PARTS, "grad_norm")  # the scalars each step logs, in order
+PLOT_KEYS = ("train/loss", *(f"train/{k}" for k in LOSS_PARTS), "val/loss")
 _DROP_PATH_STREAM = 101  # seed tag of the drop-path generators, apart from the data streams' tags
 
 
@@ -166,124 +169,107 @@ def validation_grid(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Ten
     return image_grid(rows)
 
 
-class DPGTrainer(Trainer):
-    """Stage-1 training loop; build it on every rank, then `run()`."""
-
-    STAGE = "dpg"
-    LOG_NAMES = ("loss", *LOSS_PARTS, "grad_norm")
-    PLOT_KEYS = ("train/loss", *(f"train/{k}" for k in LOSS_PARTS), "val/loss")
-    OUTPUT_FILES = (DPG_WEIGHTS,)
-
-    def __init__(self, cfg: TrainDPGConfig, ctx: DistContext, resume: bool = False,
-                 log: Callable[[str], None] = print):
-        super().__init__(cfg, ctx, log)
-        state = self._initial_state(resume)
-        self.train_urls, self.val_urls = split_holdout(cfg)
-
-        t = cfg.train
-        self.model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(t.seed))
-        if state is None and cfg.model.init_weights:
-            try:
-                self.say(str(load_dpg_weights(self.model, cfg.model.init_weights)))
-            except CheckpointMismatchError as exc:
-                summary = " ".join(line.strip() for line in str(exc).splitlines())
-                summary = summary if len(summary) < 400 else summary[:400] + " ..."
-                raise CheckpointMismatchError(f"model.init_weights does not fit the dpg section: {summary}") from None
-        self.model.to(ctx.device)
-        self.drop_path_gen = torch.Generator(device=ctx.device)
-        self.model.set_drop_path_generator(self.drop_path_gen)
-        self.optimizer = make_optimizer(self.model.parameters(), t, ctx.device)
-        self.scheduler = make_scheduler(self.optimizer, t)
-        self.amp_dtype = autocast_dtype(t.precision, ctx.device)
-        if state is None:
-            self.drop_path_gen.manual_seed(derive_seed(t.seed, _DROP_PATH_STREAM, ctx.rank, 0))
-        else:
-            self._restore(state)
-        self.ddp = wrap_ddp(self.model, ctx)
-        self._start_run(resumed=state is not None)
-
-    def models(self) -> dict[str, nn.Module]:
-        return {"dpg": self.model}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"adam": self.optimizer}
-
-    def schedulers(self) -> dict[str, Any]:
-        return {"lr": self.scheduler}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"drop_path": self.drop_path_gen}
-
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        saved_model = dict(state["config"]["dpg"])
-        current = self.cfg.to_dict()["dpg"]
-        diff = sorted(k for k in current if k != "attention" and saved_model.get(k) != current[k])
-        if diff:
-            raise CheckpointMismatchError(f"the checkpoint's dpg architecture differs in {diff}: "
-                              + ", ".join(f"{k}: {saved_model.get(k)!r} -> {current[k]!r}" for k in diff))
-        self.step = apply_state(state, self.models(), self.optimizers(), self.schedulers())
-        rank, world = self.ctx.rank, self.ctx.world_size
-        if state["world_size"] == world:
-            restore_rng(state["rng"][rank], self.generators())
-        else:
-            self.drop_path_gen.manual_seed(derive_seed(self.cfg.train.seed, _DROP_PATH_STREAM, rank, self.step))
-            self.say(f"world size {state['world_size']} -> {world}: model, optimizer, scheduler and step restored "
-                     "exactly; data streams and drop-path RNG re-derived for the new world (not an exact resume)")
-        self._check_data_settings(state)
-
-    def run(self) -> Path:
-        """Train to `train.max_steps`; returns the path of the final official-layout weights."""
-        self.say(f"stage 1: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                 f"{len(self.train_urls)} training shard(s), {len(self.val_urls)} validation shard(s), "
-                 f"world size {self.ctx.world_size}, device {self.ctx.device}, "
-                 f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, step {self.step} -> {self.cfg.train.max_steps}")
-        self.ddp.train()
-        self._train_loop()
-        return self.finish()
-
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        t = self.cfg.train
-        loss, parts, norm = dpg_train_step(self.ddp, self.optimizer, batch, self.cfg.loss, t.grad_clip,
-                                           self.amp_dtype, self.ctx.device)
-        self.scheduler.step()
-        return torch.stack([loss, *(parts[k] for k in LOSS_PARTS), norm])
-
-    def extra_train_metrics(self) -> dict[str, float]:
-        return {"train/lr": self.scheduler.get_last_lr()[0]}
-
-    def train_summary(self, metrics: Mapping[str, float]) -> str:
-        return (f"step {self.step}/{self.cfg.train.max_steps}  loss {metrics['train/loss']:.4f} "
-                f"(hq {metrics['train/l1_hq']:.4f} res {metrics['train/l1_residual']:.4f} "
-                f"dice {metrics['train/dice']:.4f})  |g| {metrics['train/grad_norm']:.3f}  "
-                f"lr {metrics['train/lr']:.2e}  {metrics['train/it_per_s']:.2f} it/s  "
-                f"data wait {100 * metrics['train/data_wait_frac']:.0f}%")
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float] | None:
-        """Loss and image grid on the fixed held-out batch (rank 0; the other ranks go on)."""
-        if not self.ctx.is_main or self.val_batch is None:
-            return None
-        self.model.eval()
-        try:
-            loss, parts, preds = dpg_forward_loss(self.model, self.val_batch, self.cfg.loss,
-                                                  self.amp_dtype, self.ctx.device)
-        finally:
-            self.model.train()
-        metrics = {"val/loss": loss.item(), **{f"val/{k}": v.item() for k, v in parts.items()}}
-        self._log_validation(metrics, validation_grid(self.val_batch, preds))
-        return metrics
-
-    def write_outputs(self, folder: Path) -> None:
-        save_dpg(self.model, folder / DPG_WEIGHTS)
-
-    def finish(self) -> Path:
-        return self._finish()[0]
+@torch.no_grad()
+def validate(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_cfg: Stage1Loss,
+             amp_dtype: torch.dtype | None, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
+    """Loss and image grid on the fixed held-out batch, in eval mode."""
+    model.eval()
+    try:
+        loss, parts, preds = dpg_forward_loss(model, batch, loss_cfg, amp_dtype, device)
+    finally:
+        model.train()
+    metrics = {"val/loss": loss.item(), **{f"val/{k}": v.item() for k, v in parts.items()}}
+    return metrics, validation_grid(batch, preds)
 
 
-def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run stage 1 in this process (joins the launcher's process group if there is one)."""
-    ctx = init_distributed(cfg.train.device)
-    return DPGTrainer(cfg, ctx, resume, log).run()
+def _summary(step: int, max_steps: int, m: Mapping[str, float]) -> str:
+    return (f"step {step}/{max_steps}  loss {m['train/loss']:.4f} (hq {m['train/l1_hq']:.4f} "
+            f"res {m['train/l1_residual']:.4f} dice {m['train/dice']:.4f})  |g| {m['train/grad_norm']:.3f}  "
+            f"lr {m['train/lr']:.2e}  {m['train/it_per_s']:.2f} it/s  data wait {100 * m['train/data_wait_frac']:.0f}%")
+
+
+def _check_same_architecture(state: Mapping[str, Any], cfg: TrainDPGConfig) -> None:
+    saved, current = dict(state["config"]["dpg"]), cfg.to_dict()["dpg"]
+    diff = sorted(k for k in current if k != "attention" and saved.get(k) != current[k])
+    if diff:
+        raise CheckpointMismatchError(f"the checkpoint's dpg architecture differs in {diff}: "
+                                      + ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff))
+
+
+def _load_init_weights(model: DPGNetwork, path: str) -> str:
+    try:
+        return str(load_dpg_weights(model, path))
+    except CheckpointMismatchError as exc:
+        summary = " ".join(line.strip() for line in str(exc).splitlines())
+        summary = summary if len(summary) < 400 else summary[:400] + " ..."
+        raise CheckpointMismatchError(f"model.init_weights does not fit the dpg section: {summary}") from None
+
+
+def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] = print,
+          ctx: DistContext | None = None) -> tuple[Path, DPGNetwork]:
+    """Run stage 1 to `train.max_steps` on every rank (joining the launcher's process group unless
+    `ctx` is given); returns the final official-layout weights file and the trained network."""
+    ctx = ctx or init_distributed(cfg.train.device)
+    t = cfg.train
+    run = Run(cfg, ctx, "dpg", PLOT_KEYS, log)
+    state = run.initial_state(resume)
+    train_urls, val_urls = split_holdout(cfg)
+
+    # model, optimizer, schedule
+    model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(t.seed))
+    if state is None and cfg.model.init_weights:
+        run.say(_load_init_weights(model, cfg.model.init_weights))
+    model.to(ctx.device)
+    drop_path_rng = torch.Generator(device=ctx.device)
+    model.set_drop_path_generator(drop_path_rng)
+    optimizer = make_optimizer(model.parameters(), t, ctx.device)
+    scheduler = make_scheduler(optimizer, t)
+    amp_dtype = autocast_dtype(t.precision, ctx.device)
+    checkpointed = {"models": {"dpg": model}, "optimizers": {"adam": optimizer}, "schedulers": {"lr": scheduler},
+                    "rngs": {"drop_path": drop_path_rng}}
+
+    # fresh start or resume
+    step = 0
+    if state is not None:
+        _check_same_architecture(state, cfg)
+        step = apply_state(state, checkpointed["models"], checkpointed["optimizers"], checkpointed["schedulers"])
+        if not restore_rngs(state, checkpointed["rngs"], ctx):
+            run.say(f"world size {state['world_size']} -> {ctx.world_size}: model, optimizer, scheduler and step "
+                    "restored exactly; data streams and drop-path RNG re-derived for the new world (not an exact "
+                    "resume)")
+        run.check_data_settings(state, train_urls)
+    if state is None or state["world_size"] != ctx.world_size:
+        drop_path_rng.manual_seed(derive_seed(t.seed, _DROP_PATH_STREAM, ctx.rank, step))
+    ddp = wrap_ddp(model, ctx)
+    loader = build_train_loader(cfg, train_urls, ctx, step)
+    val_batch = load_val_batch(cfg, val_urls) if ctx.is_main and cfg.val.every else None
+    run.start(step, resumed=state is not None)
+
+    def write_outputs(folder: Path) -> None:
+        save_dpg(model, folder / DPG_WEIGHTS)
+
+    run.say(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_urls)} training "
+            f"shard(s), {len(val_urls)} validation shard(s), world size {ctx.world_size}, device {ctx.device}, "
+            f"{'bf16 autocast' if amp_dtype else 'fp32'}, step {step} -> {t.max_steps}")
+    ddp.train()
+    meter = TrainMeter(LOG_NAMES, ctx)
+    for batch in batches(loader, t.max_steps, meter):
+        loss, parts, norm = dpg_train_step(ddp, optimizer, batch, cfg.loss, t.grad_clip, amp_dtype, ctx.device)
+        scheduler.step()
+        step += 1
+        meter.add(torch.stack([loss, *(parts[k] for k in LOSS_PARTS), norm]))
+        last = step == t.max_steps
+        if step % cfg.output.log_every == 0 or last:
+            metrics = meter.report(batch["hq"].shape[0])
+            metrics["train/lr"] = scheduler.get_last_lr()[0]
+            metrics["train/skipped_samples"] = run.skipped(loader)
+            run.log_train(step, metrics, _summary(step, t.max_steps, metrics))
+        with meter.paused():
+            if val_batch is not None and (step % cfg.val.every == 0 or last):
+                run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device))
+            if step % cfg.output.ckpt_every == 0 or last:
+                run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed)
+    return run.finish(step, [DPG_WEIGHTS], write_outputs, loader)[0], model
 
 
 def main_dpg(args: argparse.Namespace) -> int:
@@ -291,5 +277,5 @@ def main_dpg(args: argparse.Namespace) -> int:
     return run_from_args(TrainDPGConfig, train, args)
 
 
-__all__ = ["DPGTrainer", "DPG_WEIGHTS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss", "dpg_train_step",
+__all__ = ["DPG_WEIGHTS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss", "dpg_train_step",
            "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]

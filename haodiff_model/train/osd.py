@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,9 +61,10 @@ from haodiff_model.nets.sdxl_cond import SDXLConditioner, load_sdxl_conditioner,
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
-    OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
+    OutputSettings, Run, TrainMeter, ValSettings, autocast_dtype, batches, build_train_loader, load_val_batch,
+    restore_rngs, run_from_args, split_holdout,
 )
-from haodiff_model.train.state import apply_state, derive_seed, image_grid, restore_rng, to_rgb_uint8
+from haodiff_model.train.state import apply_state, derive_seed, image_grid, to_rgb_uint8
 
 BACKBONES = ("sdxl", "sd21", "none")
 PLACEHOLDER = "/path/to/"  # the shipped config's placeholder paths start with this
@@ -564,136 +566,133 @@ def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
     return encoder_file, lora_file
 
 
-class OSDTrainer(Trainer):
-    """Stage-2 training loop; build it on every rank, then `run()`."""
-
-    STAGE = "osd"
-    LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
-    PLOT_KEYS = ("train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss")
-    OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE)
-
-    def __init__(self, cfg: TrainOSDConfig, ctx: DistContext, resume: bool = False,
-                 log: Callable[[str], None] = print):
-        super().__init__(cfg, ctx, log)
-        resolve_paths(cfg)  # name every missing file before anything slow happens
-        state = self._initial_state(resume)
-        self.train_urls, self.val_urls = split_holdout(cfg)
-        parts = build_parts(cfg)
-        for note in parts.notes:
-            self.say(note)
-        self.step_fn = Stage2Step(parts, cfg.train, cfg.discriminator, cfg.loss, ctx, cfg.model.gradient_checkpointing)
-        if state is None:
-            self.step_fn.seed_generators(0)
-        else:
-            self._restore(state)
-        self._start_run(resumed=state is not None)
-
-    def models(self) -> dict[str, nn.Module]:
-        models: dict[str, nn.Module] = {"prompt_encoder": self.step_fn.generator_module.encoder}
-        conditioner = self.step_fn.disc_module.conditioner if self.step_fn.disc_module is not None else None
-        if conditioner is not None:
-            models["conditioner"] = conditioner
-        return models
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        s = self.step_fn
-        return {"generator": s.opt_g, **({"discriminator": s.opt_d} if s.opt_d is not None else {})}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return self.step_fn.generators()
-
-    def extra_state(self) -> dict[str, Any]:
-        s = self.step_fn
-        return {"unet_lora": trainable_state(s.restorer.unet),
-                "discriminator": trainable_state(s.disc_module.disc) if s.disc_module is not None else None,
-                "ema": s.ema.state_dict() if s.ema is not None else None}
-
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        saved = state["config"]
-        current = self.cfg.to_dict()
-        arch = [("dpg", k) for k in current["dpg"] if k != "attention"]
-        arch += [("prompt_embedder", k) for k in current["prompt_embedder"]]
-        arch += [("model", k) for k in ("lora_rank", "lora_alpha")]
-        arch += [("discriminator", k) for k in ("backbone", "lora_rank", "head_channels", "head_layers",
-                                                "head_norm_groups")]
-        diff = [f"{s}.{k}" for s, k in arch if saved[s].get(k) != current[s][k]]
-        if diff:
-            raise CheckpointMismatchError(f"the checkpoint's architecture differs in {diff}")
-        s = self.step_fn
-        self.step = apply_state(state, self.models(), self.optimizers(), {})
-        load_trainable_state(s.restorer.unet, state["unet_lora"], "unet_lora")
-        if s.disc_module is not None:
-            load_trainable_state(s.disc_module.disc, state["discriminator"], "discriminator")
-        if s.ema is not None:
-            if state.get("ema") is None:
-                raise CheckpointMismatchError("train.ema_decay is set but the checkpoint has no EMA; resume without EMA")
-            s.ema.load_state_dict(state["ema"])
-        rank, world = self.ctx.rank, self.ctx.world_size
-        if state["world_size"] == world:
-            restore_rng(state["rng"][rank], s.generators())
-        else:
-            s.seed_generators(self.step)
-            self.say(f"world size {state['world_size']} -> {world}: weights, optimizers and step restored exactly; "
-                     "data streams and per-rank generators re-derived for the new world (not an exact resume)")
-        self._check_data_settings(state)
-
-    def run(self) -> tuple[Path, Path]:
-        """Train to `train.max_steps`; returns the final official files (img_encoder, LoRA)."""
-        s = self.step_fn
-        n_train = sum(p.numel() for p in s.g_params.values())
-        n_disc = sum(p.numel() for g in s.opt_d.param_groups for p in g["params"]) if s.opt_d else 0
-        self.say(f"stage 2: {n_train:,} trainable generator parameters, {n_disc:,} discriminator, "
-                 f"D backbone {self.cfg.discriminator.backbone}, {len(self.train_urls)} training shard(s), "
-                 f"world size {self.ctx.world_size}, device {self.ctx.device}, "
-                 f"{'bf16' if s.amp_dtype else 'fp32'}, step {self.step} -> {self.cfg.train.max_steps}")
-        s.generator.train()
-        if s.disc is not None:
-            s.disc.train()
-        self._train_loop()
-        return self.finish()
-
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        scalars = self.step_fn(batch, self.step)
-        return torch.stack([scalars[k] for k in self.LOG_NAMES])
-
-    def train_summary(self, metrics: Mapping[str, float]) -> str:
-        m = {k.removeprefix("train/"): v for k, v in metrics.items()}
-        return (f"step {self.step}/{self.cfg.train.max_steps}  loss {m['loss']:.4f} (mse {m['mse']:.4f} "
-                f"ea {m['ea_dists']:.4f} gan {m['gan']:.4f})  D {m['d_loss']:.4f} (real {m['d_real']:+.2f} "
-                f"fake {m['d_fake']:+.2f})  |g| {m['grad_norm']:.3f}  {m['it_per_s']:.2f} it/s  "
-                f"data wait {100 * m['data_wait_frac']:.0f}%")
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float] | None:
-        """Losses and an LQ | restored | HQ grid on the fixed held-out batch (rank 0, EMA weights if on)."""
-        if not self.ctx.is_main or self.val_batch is None:
-            return None
-        s = self.step_fn
-        gen = torch.Generator(device=self.ctx.device).manual_seed(derive_seed(self.cfg.train.seed, _VAL_STREAM))
-        with s.ema_weights():
-            out = s.restore(self.val_batch["lq"], gen)
-        hq = self.val_batch["hq"].to(self.ctx.device)
-        with s.autocast():
-            _, parts = stage2_loss(out.image, hq, s.ea_dists)
-        metrics = {"val/loss": float(sum(v.item() for v in parts.values())),
-                   **{f"val/{k}": v.item() for k, v in parts.items()}}
-        rows = [[to_rgb_uint8(self.val_batch["lq"][i]), to_rgb_uint8(out.image[i]), to_rgb_uint8(self.val_batch["hq"][i])]
-                for i in range(out.image.shape[0])]
-        self._log_validation(metrics, image_grid(rows))
-        return metrics
-
-    def write_outputs(self, folder: Path) -> None:
-        export_official(self.step_fn, folder)
-
-    def finish(self) -> tuple[Path, Path]:
-        encoder_file, lora_file = self._finish()
-        return encoder_file, lora_file
+LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
+PLOT_KEYS = ("train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss")
+OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE)
 
 
-def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] = print) -> tuple[Path, Path]:
-    """Run stage 2 in this process (joins the launcher's process group if there is one)."""
-    ctx = init_distributed(cfg.train.device)
-    return OSDTrainer(cfg, ctx, resume, log).run()
+def checkpointed(step: Stage2Step) -> dict[str, Any]:
+    """What a stage-2 checkpoint holds, by kind and name (the trainable weights only; frozen ones
+    are re-read from their files)."""
+    models: dict[str, nn.Module] = {"prompt_encoder": step.generator_module.encoder}
+    if step.disc_module is not None and step.disc_module.conditioner is not None:
+        models["conditioner"] = step.disc_module.conditioner
+    optimizers = {"generator": step.opt_g, **({"discriminator": step.opt_d} if step.opt_d is not None else {})}
+    extra = {"unet_lora": trainable_state(step.restorer.unet),
+             "discriminator": trainable_state(step.disc_module.disc) if step.disc_module is not None else None,
+             "ema": step.ema.state_dict() if step.ema is not None else None}
+    return {"models": models, "optimizers": optimizers, "schedulers": {}, "rngs": step.generators(), **extra}
+
+
+def _check_same_architecture(state: Mapping[str, Any], cfg: TrainOSDConfig) -> None:
+    saved, current = state["config"], cfg.to_dict()
+    arch = [("dpg", k) for k in current["dpg"] if k != "attention"]
+    arch += [("prompt_embedder", k) for k in current["prompt_embedder"]]
+    arch += [("model", k) for k in ("lora_rank", "lora_alpha")]
+    arch += [("discriminator", k) for k in ("backbone", "lora_rank", "head_channels", "head_layers",
+                                            "head_norm_groups")]
+    diff = [f"{s}.{k}" for s, k in arch if saved[s].get(k) != current[s][k]]
+    if diff:
+        raise CheckpointMismatchError(f"the checkpoint's architecture differs in {diff}")
+
+
+def restore(step: Stage2Step, state: Mapping[str, Any]) -> int:
+    """Trainable weights, optimizers and EMA from a checkpoint; returns its step."""
+    parts = checkpointed(step)
+    at = apply_state(state, parts["models"], parts["optimizers"], {})
+    load_trainable_state(step.restorer.unet, state["unet_lora"], "unet_lora")
+    if step.disc_module is not None:
+        load_trainable_state(step.disc_module.disc, state["discriminator"], "discriminator")
+    if step.ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointMismatchError("train.ema_decay is set but the checkpoint has no EMA; resume without EMA")
+        step.ema.load_state_dict(state["ema"])
+    return at
+
+
+@torch.no_grad()
+def validate(step: Stage2Step, batch: Mapping[str, torch.Tensor], seed: int) -> tuple[dict[str, float], np.ndarray]:
+    """Losses and an LQ | restored | HQ grid on the fixed held-out batch (EMA weights if on)."""
+    rng = torch.Generator(device=step.ctx.device).manual_seed(derive_seed(seed, _VAL_STREAM))
+    with step.ema_weights():
+        out = step.restore(batch["lq"], rng)
+    hq = batch["hq"].to(step.ctx.device)
+    with step.autocast():
+        _, parts = stage2_loss(out.image, hq, step.ea_dists)
+    metrics = {"val/loss": float(sum(v.item() for v in parts.values())),
+               **{f"val/{k}": v.item() for k, v in parts.items()}}
+    rows = [[to_rgb_uint8(batch["lq"][i]), to_rgb_uint8(out.image[i]), to_rgb_uint8(batch["hq"][i])]
+            for i in range(out.image.shape[0])]
+    return metrics, image_grid(rows)
+
+
+def _summary(step: int, max_steps: int, metrics: Mapping[str, float]) -> str:
+    m = {k.removeprefix("train/"): v for k, v in metrics.items()}
+    return (f"step {step}/{max_steps}  loss {m['loss']:.4f} (mse {m['mse']:.4f} ea {m['ea_dists']:.4f} "
+            f"gan {m['gan']:.4f})  D {m['d_loss']:.4f} (real {m['d_real']:+.2f} fake {m['d_fake']:+.2f})  "
+            f"|g| {m['grad_norm']:.3f}  {m['it_per_s']:.2f} it/s  data wait {100 * m['data_wait_frac']:.0f}%")
+
+
+def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] = print,
+          ctx: DistContext | None = None) -> tuple[Path, Path]:
+    """Run stage 2 to `train.max_steps` on every rank (joining the launcher's process group unless
+    `ctx` is given); returns the final official files (img_encoder, LoRA)."""
+    ctx = ctx or init_distributed(cfg.train.device)
+    t = cfg.train
+    resolve_paths(cfg)  # name every missing file before anything slow happens
+    run = Run(cfg, ctx, "osd", PLOT_KEYS, log)
+    state = run.initial_state(resume)
+    train_urls, val_urls = split_holdout(cfg)
+
+    # models and the training step (frozen DPG and base weights, trainable prompt embedders and LoRA, D)
+    parts = build_parts(cfg)
+    for note in parts.notes:
+        run.say(note)
+    step_fn = Stage2Step(parts, t, cfg.discriminator, cfg.loss, ctx, cfg.model.gradient_checkpointing)
+
+    # fresh start or resume
+    step = 0
+    if state is not None:
+        _check_same_architecture(state, cfg)
+        step = restore(step_fn, state)
+        if not restore_rngs(state, step_fn.generators(), ctx):
+            step_fn.seed_generators(step)
+            run.say(f"world size {state['world_size']} -> {ctx.world_size}: weights, optimizers and step restored "
+                    "exactly; data streams and per-rank generators re-derived for the new world (not an exact "
+                    "resume)")
+        run.check_data_settings(state, train_urls)
+    loader = build_train_loader(cfg, train_urls, ctx, step)
+    val_batch = load_val_batch(cfg, val_urls) if ctx.is_main and cfg.val.every else None
+    run.start(step, resumed=state is not None)
+
+    def write_outputs(folder: Path) -> None:
+        export_official(step_fn, folder)
+
+    n_train = sum(p.numel() for p in step_fn.g_params.values())
+    n_disc = sum(p.numel() for g in step_fn.opt_d.param_groups for p in g["params"]) if step_fn.opt_d else 0
+    run.say(f"stage 2: {n_train:,} trainable generator parameters, {n_disc:,} discriminator, D backbone "
+            f"{cfg.discriminator.backbone}, {len(train_urls)} training shard(s), world size {ctx.world_size}, "
+            f"device {ctx.device}, {'bf16' if step_fn.amp_dtype else 'fp32'}, step {step} -> {t.max_steps}")
+    step_fn.generator.train()
+    if step_fn.disc is not None:
+        step_fn.disc.train()
+    meter = TrainMeter(LOG_NAMES, ctx)
+    for batch in batches(loader, t.max_steps, meter):
+        scalars = step_fn(batch, step)
+        step += 1
+        meter.add(torch.stack([scalars[k] for k in LOG_NAMES]))
+        last = step == t.max_steps
+        if step % cfg.output.log_every == 0 or last:
+            metrics = meter.report(batch["hq"].shape[0])
+            metrics["train/skipped_samples"] = run.skipped(loader)
+            run.log_train(step, metrics, _summary(step, t.max_steps, metrics))
+        with meter.paused():
+            if val_batch is not None and (step % cfg.val.every == 0 or last):
+                run.log_validation(step, *validate(step_fn, val_batch, t.seed))
+            if step % cfg.output.ckpt_every == 0 or last:
+                run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed(step_fn))
+    encoder_file, lora_file = run.finish(step, OUTPUT_FILES, write_outputs, loader)
+    return encoder_file, lora_file
 
 
 def main_osd(args: argparse.Namespace) -> int:
@@ -701,7 +700,8 @@ def main_osd(args: argparse.Namespace) -> int:
     return run_from_args(TrainOSDConfig, train, args)
 
 
-__all__ = ["EMA", "DiscriminatorSettings", "LossSettings", "ModelSettings", "OSDTrainer", "Stage2Discriminator",
+__all__ = ["EMA", "DiscriminatorSettings", "LossSettings", "ModelSettings", "Stage2Discriminator",
            "Stage2Generator", "Stage2Parts", "Stage2Step", "TrainOSDConfig", "TrainSettings", "build_discriminator",
            "build_parts", "build_prompt_encoder", "build_restorer", "discriminator_from_unet", "export_official",
-           "load_trainable_state", "main_osd", "resolve_paths", "train", "trainable_state"]
+           "checkpointed", "load_trainable_state", "main_osd", "resolve_paths", "restore", "train", "trainable_state",
+           "validate"]
