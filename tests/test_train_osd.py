@@ -32,9 +32,10 @@ from haodiff_model.nets.prompt import PromptEmbedderConfig  # noqa: E402
 from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
 from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
 from haodiff_model.train.distributed import DistContext  # noqa: E402
-from haodiff_model.train.osd import (  # noqa: E402
-    Stage2Step, TrainOSDConfig, build_parts, export_official, train,
-)
+from haodiff_model.train.osd import train  # noqa: E402
+from haodiff_model.train.osd_build import build_parts  # noqa: E402
+from haodiff_model.train.osd_config import TrainOSDConfig  # noqa: E402
+from haodiff_model.train.osd_step import Stage2Step, export_official  # noqa: E402
 from haodiff_model.train.state import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
