@@ -19,6 +19,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="haodiff",
                    help="recipe name in pipelines/ (haodiff, realesrgan, s3diff-mild) or a YAML path (default: haodiff)")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i draws only from (seed, i) (default: 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (YAML syntax, dotted key), repeatable, e.g. --set hmb.psf_iters=500")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -172,7 +174,7 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
 def _load_recipe(args: argparse.Namespace):
     from haodiff_data.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     if getattr(args, "samples_per_shard", None):
         import dataclasses
 

@@ -6,23 +6,20 @@ fails with its dotted name, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from haodiff_data.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from haodiff_data.segment.goliath import GROUPS
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe file or mapping that does not describe a valid recipe."""
 
 
@@ -151,77 +148,13 @@ class Recipe:
     shards: ShardConfig = field(default_factory=ShardConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_dict(self)
 
     def sha256(self) -> str:
         """Hash of what shapes a sample: not the name, not how samples are grouped into shards."""
         content = {k: v for k, v in self.to_dict().items() if k not in ("name", "shards")}
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML value to the field's annotated type, or raise naming ``where``."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise RecipeError(f"{where}: unsupported type {hint}")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise with their dotted name."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            dotted = f"{where}.{key}" if where else str(key)
-            raise RecipeError(f"unknown recipe key '{dotted}' (known here: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{where}.{key}" if where else key
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -247,21 +180,17 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load a recipe by name (``haodiff`` -> ``pipelines/haodiff.yaml``) or by file path."""
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe by name (``haodiff`` -> ``pipelines/haodiff.yaml``) or by file path, then apply
+    ``dotted.key=value`` overrides (values parsed as YAML), e.g. ``hmb.psf_iters=500``."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = PIPELINES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the top level must be a mapping")
-    data.setdefault("name", path.stem)
-    try:
+        data = apply_overrides(read_yaml(path), overrides)
+        data.setdefault("name", path.stem)
         return validate(from_dict(Recipe, data))
-    except RecipeError as exc:
+    except ConfigError as exc:
         raise RecipeError(f"{path}: {exc}") from exc

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from haodiff_model.config import ConfigError
+from haodiff_data.config import ConfigError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from haodiff_model.io.official import CheckpointMismatchError
+
     try:
         if args.stage == "dpg":
             from haodiff_model.train.dpg import main_dpg
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from haodiff_model.train.osd import main_osd
 
         return main_osd(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError, FileExistsError) as exc:
         print(f"haodiff-train {args.stage}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from haodiff_model.config import ConfigError
+from haodiff_model.io.official import load_dpg_weights, save_dpg
 from haodiff_model.nets import swin
 from haodiff_model.nets.dpg import RGB_MEAN, DPGConfig, DPGFeatureExtractor, DPGNetwork
 from haodiff_model.nets.swin import relative_position_index, shift_window_mask, window_order
@@ -334,3 +335,26 @@ def test_config_rejects_unknown_keys_and_round_trips_official_kwargs(tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         DPGConfig(embed_dim=100)
     assert math.isclose(DPGConfig.from_dict({"mlp_ratio": 4}).mlp_ratio, 4.0)
+
+
+@pytest.mark.parametrize("variant, own_param", [({"ape": True}, "absolute_pos_embed"),
+                                                ({"resi_connection": "3conv"}, "layers.0.conv.4.weight")])
+def test_variants_train_and_round_trip_the_official_layout(variant, own_param, tmp_path):
+    cfg = dataclasses.replace(TINY, **variant)
+    net = DPGNetwork(cfg, _gen(0))
+    _perturb(net)
+    params = dict(net.named_parameters())
+    assert own_param in params and own_param not in dict(DPGNetwork(TINY, _gen(0)).named_parameters())
+    before = params[own_param].detach().clone()
+    x = torch.rand(2, 3, 64, 64, generator=_gen(3)) * 2 - 1
+    sum(o.square().mean() for o in net(x)).backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert not torch.equal(before, params[own_param])  # the variant's own weights train
+
+    path = save_dpg(net, tmp_path / "dpg.pth")
+    fresh = DPGNetwork(cfg, _gen(1))
+    assert load_dpg_weights(fresh, path).ok
+    net.eval(), fresh.eval()
+    with torch.no_grad():
+        for a, b in zip(net(x), fresh(x)):
+            assert torch.equal(a, b)

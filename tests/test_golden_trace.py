@@ -77,12 +77,14 @@ def _output(out: Path, ckpt_every: int) -> dict:
 
 def stage1_config(shards: Path, out: Path) -> dict:
     return {
-        "model": DPG_ARCH,
+        "dpg": DPG_ARCH,
+        "model": {"init_weights": None},
+        "loss": {"dice_weight": 0.02, "dice_reduction": "sample", "dice_smooth": 1.0, "bce_weight": 0.0,
+                 "focal_gamma": 0.0, "mask_logit_bound": None},
         "data": _data(str(shards), 2),
         "train": {"max_steps": 5, "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                  "dice_weight": 0.02, "dice_reduction": "sample", "dice_smooth": 1.0, "bce_weight": 0.0,
-                  "focal_gamma": 0.0, "mask_logit_bound": None, "scheduler": "constant", "warmup_steps": 0,
-                  "min_lr_ratio": 0.0, "grad_clip": 1.0, "precision": "fp32", "seed": 0, "init_weights": None, "device": "cpu"},
+                  "scheduler": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "grad_clip": 1.0,
+                  "precision": "fp32", "seed": 0, "device": "cpu"},
         "val": {"urls": [], "samples": 2, "every": 5},
         "output": _output(out, 5),
     }

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from haodiff_model.losses.dists import DISTS, DISTS_TOTAL_CHANNELS, L2Pool, hanning_filter_3x3, load_dists_weights
-from haodiff_model.losses.losses import EdgeAwareDISTS, dice_loss, sobel_edges, stage1_loss, stage2_loss
+from haodiff_model.losses.losses import PAPER_LOSS, EdgeAwareDISTS, dice_loss, sobel_edges, stage1_loss, stage2_loss
 from haodiff_model.losses.vgg import load_vgg16_features, vgg16_features
 
 LN3 = math.log(3.0)
@@ -64,10 +64,10 @@ def test_stage1_loss_parts_are_weighted_terms():
     pred_res, res = _rand(gen, 2, 3, 4, 4) - 0.5, _rand(gen, 2, 3, 4, 4) - 0.5
     logits = torch.tensor([[[[0.0, LN3], [-LN3, LN3]]]]).repeat(2, 1, 1, 1)
     mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]]).repeat(2, 1, 1, 1)
-    total, parts = stage1_loss(pred_hq, pred_res, logits, hq, res, mask)
+    total, parts = stage1_loss(pred_hq, pred_res, logits, hq, res, mask, PAPER_LOSS)
     assert parts["l1_hq"].item() == pytest.approx(np.abs(pred_hq.numpy() - hq.numpy()).mean(), abs=1e-6)
     assert parts["l1_residual"].item() == pytest.approx(np.abs(pred_res.numpy() - res.numpy()).mean(), abs=1e-6)
-    assert parts["dice"].item() == pytest.approx(0.02 / 3, abs=1e-7)
+    assert parts["dice"].item() == pytest.approx(0.02 / 3, abs=1e-7) and parts["bce"].item() == 0.0
     assert total.item() == pytest.approx(sum(p.item() for p in parts.values()), abs=1e-6)
 
 

@@ -12,7 +12,25 @@ def test_default_yaml_equals_dataclass_defaults():
 def test_bundled_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.name == name
-    assert len(recipe.sha256()) == 64
+
+
+def test_hash_follows_what_shapes_a_sample():
+    base = load_recipe("haodiff")
+    assert load_recipe("haodiff", ["name=renamed", "shards.samples_per_shard=7"]).sha256() == base.sha256()
+    assert load_recipe("haodiff", ["hmb.psf_iters=1999"]).sha256() != base.sha256()
+    assert load_recipe("realesrgan").sha256() != base.sha256()
+
+
+def test_overrides_reach_any_depth_and_are_type_checked():
+    recipe = load_recipe("haodiff", ["generic.first.noise.sigma_range=[2, 20]", "crop.mode=center"])
+    assert recipe.generic.first.noise.sigma_range == (2.0, 20.0) and recipe.crop.mode == "center"
+    assert recipe.generic.second == Recipe().generic.second  # untouched siblings keep their values
+    with pytest.raises(RecipeError, match=r"generic\.first\.noise\.sigma_rnage"):
+        load_recipe("haodiff", ["generic.first.noise.sigma_rnage=[2, 20]"])
+    with pytest.raises(RecipeError, match=r"first_order\.require_person: expected true or false, got 'yes please'"):
+        load_recipe("haodiff", ["first_order.require_person=yes please"])
+    with pytest.raises(RecipeError, match="crop.mode"):
+        load_recipe("haodiff", ["crop.mode=diagonal"])
 
 
 def test_realesrgan_has_no_hmb_and_s3diff_is_milder():

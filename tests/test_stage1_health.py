@@ -13,10 +13,11 @@ import webdataset as wds
 
 from haodiff_data.shards.schema import encode_sample
 from haodiff_model.bench.learn import PAPER_SETTINGS, auroc, iou_dice, psnr
-from haodiff_model.losses.losses import PAPER_OBJECTIVE, Stage1Objective, dice_loss, focal_bce_loss, stage1_loss
-from haodiff_model.nets.dpg import DPGNetwork
+from haodiff_model.losses.losses import PAPER_LOSS, Stage1Loss, dice_loss, focal_bce_loss, stage1_loss
+from haodiff_model.io.official import save_dpg
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.distributed import DistContext
-from haodiff_model.train.dpg import DPGTrainer, TrainDPGConfig, dpg_train_step, make_optimizer, make_scheduler
+from haodiff_model.train.dpg import TrainDPGConfig, dpg_train_step, make_optimizer, make_scheduler, train
 from haodiff_model.train.guards import SATURATED_LOGIT, Stage1Guard
 from haodiff_model.train.state import read_metrics
 
@@ -40,18 +41,18 @@ def _batch(seed: int = 0, batch: int = 4) -> dict[str, torch.Tensor]:
     return {"hq": hq, "lq": lq, "residual": lq - hq, "mask": mask}
 
 
-def _first_steps(steps: int, overrides: list[str], objective: Stage1Objective | None = None) -> list[dict[str, float]]:
+def _first_steps(steps: int, overrides: list[str], objective: Stage1Loss | None = None) -> list[dict[str, float]]:
     """HEAD_STATS of the first `steps` updates of the tiny DPG under train_dpg.yaml + overrides."""
     cfg = TrainDPGConfig.from_yaml(ROOT / "pipelines" / "train_dpg.yaml", [
-        *(f"model.{k}={v}" for k, v in TINY_MODEL.items()), "train.device=cpu", f"train.max_steps={steps}",
+        *(f"dpg.{k}={v}" for k, v in TINY_MODEL.items()), "train.device=cpu", f"train.max_steps={steps}",
         *overrides])
     t = cfg.train
-    model = DPGNetwork(cfg.model, torch.Generator().manual_seed(0))
+    model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(0))
     opt = make_optimizer(model.parameters(), t, torch.device("cpu"))
     sched = make_scheduler(opt, t)
     stats = []
     for step in range(steps):
-        _, _, s = dpg_train_step(model, opt, _batch(step), objective or t.objective(), t.grad_clip)
+        _, _, s = dpg_train_step(model, opt, _batch(step), objective or cfg.loss, t.grad_clip)
         sched.step()
         stats.append({k: v.item() for k, v in s.items()})
     return stats
@@ -73,7 +74,7 @@ def test_paper_objective_as_written_saturates_the_mask_head() -> None:
     paper = _first_steps(25, list(PAPER_SETTINGS))
     assert sum(s["mask_pos_rate"] > 0.99 for s in paper[5:]) >= 12  # mostly all ones while ~8 % of pixels are HMB
     # per-image Dice hands the mask branch a gradient 1-2 orders of magnitude below BCE + batch Dice
-    alive = _first_steps(25, list(PAPER_SETTINGS), Stage1Objective(dice_reduction="batch", bce_weight=0.1))
+    alive = _first_steps(25, list(PAPER_SETTINGS), Stage1Loss(dice_reduction="batch", bce_weight=0.1))
     assert np.median([s["grad_norm_mask"] for s in paper]) < 0.1 * np.median([s["grad_norm_mask"] for s in alive])
 
 
@@ -92,24 +93,27 @@ def _shards(root: Path) -> Path:
 
 def test_guard_warns_with_the_step_when_the_mask_head_is_forced_to_saturate(tmp_path: Path) -> None:
     shards = _shards(tmp_path)
+    saturated = DPGNetwork(DPGConfig.from_dict(TINY_MODEL))
+    with torch.no_grad():
+        saturated.upsamplers[2].conv_last.bias.fill_(1e4)  # every logit ~ +1e4: sigmoid 1, gradient 0
+    save_dpg(saturated, tmp_path / "saturated.pth")
     cfg = TrainDPGConfig.from_dict({
-        "model": TINY_MODEL,
+        "dpg": TINY_MODEL,
+        "model": {"init_weights": str(tmp_path / "saturated.pth")},
         "data": {"urls": [str(shards)], "batch_size": 2, "num_workers": 0, "epoch_length": 4, "shuffle_buffer": 4},
         "train": {"max_steps": 2, "device": "cpu"},
         "val": {"every": 0},
         "output": {"dir": str(tmp_path / "run"), "log_every": 1, "tensorboard": False},
     })
     lines: list[str] = []
-    trainer = DPGTrainer(cfg, DistContext(), log=lines.append)
-    with torch.no_grad():
-        trainer.model.upsamplers[2].conv_last.bias.fill_(1e4)  # every logit ~ +1e4: sigmoid 1, gradient 0
-    trainer.run()
+    train(cfg, log=lines.append, ctx=DistContext())
     assert any(line.startswith("WARNING step 1: mask head saturated") for line in lines), lines
     assert any(line.startswith("WARNING step 1: mask head predicts all ones") for line in lines), lines
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert [r["train/warnings"] >= 2 for r in records] == [True, True]
     assert all(r["train/mask_pos_rate"] == 1.0 and r["train/mask_logit_absmax"] > 1e3 for r in records)
     assert all(r[f"train/grad_norm_{h}"] > 0 for r in records for h in ("hq", "residual"))
+    assert (tmp_path / "run" / "heads.png").is_file()
 
 
 def test_guard_on_healthy_vanishing_and_diverging_records() -> None:
@@ -147,14 +151,14 @@ def test_focal_bce_and_bounded_logits() -> None:
     p_t = torch.where(target > 0, torch.sigmoid(logits), torch.sigmoid(-logits))
     assert focal_bce_loss(logits, target, 2.0).item() == pytest.approx(((1 - p_t) ** 2 * bce).mean().item(), rel=1e-5)
     z = torch.zeros(1, 3, 2, 2)
-    objective = Stage1Objective(bce_weight=0.5, mask_logit_bound=8.0)
+    objective = Stage1Loss(bce_weight=0.5, mask_logit_bound=8.0)
     total, parts = stage1_loss(z, z, logits, z, z, target, objective)
     bounded = 8 * torch.tanh(logits / 8)
     assert parts["bce"].item() == pytest.approx(0.5 * focal_bce_loss(bounded, target).item(), rel=1e-6)
     assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
-    assert stage1_loss(z, z, logits, z, z, target)[1]["bce"].item() == 0.0  # the paper's objective has no BCE
+    assert stage1_loss(z, z, logits, z, z, target, PAPER_LOSS)[1]["bce"].item() == 0.0  # the paper has no BCE
     with pytest.raises(ValueError, match="mask_logit_bound=0"):
-        Stage1Objective(mask_logit_bound=0)
+        Stage1Loss(mask_logit_bound=0)
 
 
 def test_benchmark_metrics_on_known_cases() -> None:
@@ -176,13 +180,13 @@ def test_benchmark_config_paper_and_default(tmp_path: Path) -> None:
 
     args = argparse.Namespace(crop=96, batch=8, steps=300, seed=0, log_every=10, device="cpu", paper=True, set=[])
     paper = run_config(args, tmp_path / "train", tmp_path / "held", tmp_path / "out")
-    assert paper.train.objective() == PAPER_OBJECTIVE
+    assert paper.loss == PAPER_LOSS
     assert (paper.train.lr, paper.train.scheduler, paper.train.warmup_steps) == (2e-3, "constant", 0)
-    assert paper.val.urls == (str(tmp_path / "held"),) and paper.data.crop_size == paper.model.img_size == 96
+    assert paper.val.urls == (str(tmp_path / "held"),) and paper.data.crop_size == paper.dpg.img_size == 96
     default = run_config(argparse.Namespace(**{**vars(args), "paper": False, "set": ["train.lr=5e-4"]}),
                          tmp_path / "train", tmp_path / "held", tmp_path / "out")
     yaml_cfg = TrainDPGConfig.from_yaml(ROOT / "pipelines" / "train_dpg.yaml")
-    assert default.train.objective() == yaml_cfg.train.objective() != PAPER_OBJECTIVE
+    assert default.loss == yaml_cfg.loss == Stage1Loss() != PAPER_LOSS
     assert (default.train.lr, default.train.warmup_steps, default.train.max_steps) == (5e-4, 30, 300)
     first = hmb_recipe("s3diff-mild", 0.7)["first_order"]
     assert first["p_hmb"] == 0.7 and first["p_none"] == pytest.approx(0.1) and first["p_generic"] == pytest.approx(0.2)

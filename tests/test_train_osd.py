@@ -3,13 +3,13 @@ config parses, missing paths are named, a few steps reduce the loss on a fixed b
 reproduces the uninterrupted one bit for bit, and the exported official files load back."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-import yaml
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -24,15 +24,18 @@ from haodiff_model.bench.osd import (  # noqa: E402
     TINY_VAE_CONFIG,
 )
 from haodiff_model.config import ConfigError  # noqa: E402
-from haodiff_model.io.official import load_img_encoder, save_dpg  # noqa: E402
-from haodiff_model.io.official import load_lora_weights  # noqa: E402
+from haodiff_model.io.official import load_img_encoder, load_lora_weights, save_dpg  # noqa: E402
 from haodiff_model.losses.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
 from haodiff_model.losses.vgg import vgg16_features  # noqa: E402
-from haodiff_model.nets.dpg import DPGNetwork  # noqa: E402
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork  # noqa: E402
+from haodiff_model.nets.prompt import PromptEmbedderConfig  # noqa: E402
 from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
 from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
 from haodiff_model.train.distributed import DistContext  # noqa: E402
-from haodiff_model.train.osd import OSDTrainer, Stage2Step, TrainOSDConfig, build_parts  # noqa: E402
+from haodiff_model.train.osd import train  # noqa: E402
+from haodiff_model.train.osd_build import build_parts  # noqa: E402
+from haodiff_model.train.osd_config import TrainOSDConfig  # noqa: E402
+from haodiff_model.train.osd_step import Stage2Step, export_official  # noqa: E402
 from haodiff_model.train.state import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +88,7 @@ def files(tmp_path_factory):
 
 def _config(files: Path, out: Path, **sections) -> TrainOSDConfig:
     """The shipped pipelines/train_osd.yaml with tiny models and local paths patched in."""
-    with open(ROOT / "pipelines" / "train_osd.yaml") as f:
-        data = yaml.safe_load(f)
+    data = TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml").to_dict()
     patch = {
         "dpg": TINY_DPG,
         "prompt_embedder": PROMPT,
@@ -105,12 +107,10 @@ def _config(files: Path, out: Path, **sections) -> TrainOSDConfig:
 
 
 def test_shipped_config_parses_and_placeholders_are_named(files, tmp_path):
-    with open(ROOT / "pipelines" / "train_osd.yaml") as f:
-        shipped = yaml.safe_load(f)
-    with open(ROOT / "pipelines" / "dpg.yaml") as f:
-        dpg = yaml.safe_load(f)
-    assert shipped["dpg"] == dpg["dpg"] and shipped["prompt_embedder"] == dpg["prompt_embedder"]
     cfg = TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml")
+    assert cfg == TrainOSDConfig()  # the shipped file shows the defaults, which are defined once
+    assert cfg.dpg == DPGConfig.from_yaml(ROOT / "pipelines" / "dpg.yaml")  # referenced, not copied
+    assert cfg.prompt_embedder == PromptEmbedderConfig.from_yaml(ROOT / "pipelines" / "dpg.yaml")
     assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.timestep, cfg.model.cfg_scale) == (16, 16.0, 199, 3.5)
     assert (cfg.train.lr, cfg.data.batch_size, cfg.loss.gan_weight) == (1e-5, 2, 0.01)
     assert TrainOSDConfig.from_dict(cfg.to_dict()) == cfg
@@ -119,13 +119,19 @@ def test_shipped_config_parses_and_placeholders_are_named(files, tmp_path):
     for key in ("model.pretrained_model", "model.dpg_weights", "discriminator.model", "loss.vgg16_weights",
                 "loss.dists_weights"):
         assert f"{key} = '/path/to/" in str(err.value)
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lora_rnak'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'model.lora_rnak'"):
         TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml", ["model.lora_rnak=8"])
-    with pytest.raises(ConfigError, match="unknown section"):
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
         TrainOSDConfig.from_dict({"modle": {}})
     missing = _config(files, tmp_path, model={"pretrained_model": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="do not exist: model.pretrained_model: .*nowhere"):
         build_parts(missing)
+    for override, message in [("train.seed=1.5", "train.seed: expected an integer, got 1.5"),
+                              ("train.ema_decay='0.9'", "train.ema_decay: expected a number, got '0.9'"),
+                              ("discriminator.start_step=-1", "discriminator: invalid lora_rank=0"),
+                              ("prompt_embedder.light_changer=1", "prompt_embedder.light_changer: expected true")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainOSDConfig.from_yaml(ROOT / "pipelines" / "train_osd.yaml", [override])
     wrong = _config(files, tmp_path, discriminator={"model": str(files / "sd")})
     with pytest.raises(ConfigError, match="is not an SDXL UNet"):
         build_parts(wrong)
@@ -169,16 +175,16 @@ def _losses(out: Path) -> list[tuple[int, float, float]]:
 
 def test_resume_reproduces_the_uninterrupted_run_and_exports_load(files, tmp_path):
     straight = _config(files, tmp_path / "straight", train={"max_steps": 4, "ema_decay": 0.5})
-    enc_file, lora_file = OSDTrainer(straight, CPU, log=lambda m: None).run()
+    enc_file, lora_file = train(straight, log=lambda m: None, ctx=CPU)
     reference = _losses(tmp_path / "straight")
     assert [s for s, _, _ in reference] == [1, 2, 3, 4]
 
     first = _config(files, tmp_path / "resumed", train={"max_steps": 2, "ema_decay": 0.5})
-    OSDTrainer(first, CPU, log=lambda m: None).run()
+    train(first, log=lambda m: None, ctx=CPU)
     second = dataclasses.replace(first, train=dataclasses.replace(first.train, max_steps=4))
     with pytest.raises(FileExistsError, match="--resume"):
-        OSDTrainer(second, CPU, log=lambda m: None)
-    OSDTrainer(second, CPU, resume=True, log=lambda m: None).run()
+        train(second, log=lambda m: None, ctx=CPU)
+    train(second, resume=True, log=lambda m: None, ctx=CPU)
     assert _losses(tmp_path / "resumed") == reference  # bit for bit, D included
     val = [r["val/loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "val/loss" in r]
     assert val == [r["val/loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val/loss" in r]
@@ -207,3 +213,29 @@ def test_resume_reproduces_the_uninterrupted_run_and_exports_load(files, tmp_pat
                        encoder.main_performer.linear_embed.weight)
     assert torch.equal(parts.conditioner.embedding_changer1.linear1.weight,
                        conditioner.embedding_changer1.linear1.weight)
+
+
+def test_discriminator_waits_for_start_step_and_exports_hold_the_ema_weights(files, tmp_path):
+    cfg = _config(files, tmp_path, discriminator={"start_step": 2}, train={"ema_decay": 0.5},
+                  model={"sample_latent": False})
+    step = Stage2Step(build_parts(cfg), cfg.train, cfg.discriminator, cfg.loss, CPU)
+    batch = _fixed_batch(files)
+    d_params = [p for g in step.opt_d.param_groups for p in g["params"]]
+    d_before = [p.detach().clone() for p in d_params]
+    early = [step(batch, i) for i in range(2)]
+    assert all(r["gan"].item() == 0 and r["d_loss"].item() == 0 for r in early)
+    assert all(torch.equal(a, b) for a, b in zip(d_before, d_params))  # D untouched before start_step
+    late = step(batch, 2)
+    assert late["gan"].item() > 0 and late["d_loss"].item() > 0
+    assert all(not torch.equal(a, b) for a, b in zip(d_before, d_params))
+
+    enc_file, _ = export_official(step, tmp_path / "export")
+    exported, _ = load_img_encoder(enc_file)
+    live = dict(step.generator_module.encoder.named_parameters())
+    differs = []
+    for name, value in exported.named_parameters():
+        shadow = step.ema.shadow.get(f"encoder.{name}")
+        if shadow is not None:
+            assert torch.equal(value, shadow), name  # the file holds the EMA weights ...
+            differs.append(not torch.equal(shadow, live[name]))
+    assert differs and any(differs)  # ... which are not the live ones

@@ -43,7 +43,12 @@ class Sample:
 
     @property
     def residual(self) -> np.ndarray:
-        return self.lq.astype(np.int16) - self.hq.astype(np.int16)
+        return residual(self.hq, self.lq)
+
+
+def residual(hq: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """The residual of schema v1: LQ - HQ as exact int16 integers in [-255, 255]."""
+    return lq.astype(np.int16) - hq.astype(np.int16)
 
 
 def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
@@ -66,11 +71,14 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     return buf.tobytes()
 
 
-def decode_png(data: bytes, channels: int) -> np.ndarray:
-    flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+def decode_png(data: bytes, channels: int, where: str = "member") -> np.ndarray:
+    """A PNG member as uint8 RGB (channels=3) or L (channels=1); anything else is a SchemaError."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise SchemaError("member is not a readable PNG")
+        raise SchemaError(f"{where} is not a readable PNG")
+    shape_ok = image.ndim == 2 if channels == 1 else image.ndim == 3 and image.shape[2] == channels
+    if image.dtype != np.uint8 or not shape_ok:
+        raise SchemaError(f"{where} is {image.dtype} {image.shape}, expected uint8 with {channels} channel(s)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if channels == 3 else image
 
 
@@ -104,10 +112,22 @@ def encode_sample(
         "hq.png": encode_png(hq, png_compression),
         "lq.png": encode_png(lq, png_compression),
         "mask.png": encode_png(mask, png_compression),
-        "residual.npy.gz": encode_residual(lq.astype(np.int16) - hq.astype(np.int16)),
+        "residual.npy.gz": encode_residual(residual(hq, lq)),
         "parts.png": encode_png(parts, png_compression),
         "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
     }
+
+
+def parse_meta(data: bytes, where: str) -> dict[str, Any]:
+    """The `json` member, checked to be an object of a schema version this reader knows."""
+    try:
+        meta = json.loads(data)
+    except ValueError as exn:
+        raise SchemaError(f"{where}: json member is not valid JSON ({exn})") from None
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{where}: json member is not an object")
+    check_meta(meta, where)
+    return meta
 
 
 def check_meta(meta: dict[str, Any], where: str) -> None:
@@ -124,17 +144,16 @@ def decode_sample(members: dict[str, bytes], where: str = "sample") -> Sample:
     missing = [m for m in MEMBERS if m not in members]
     if missing:
         raise SchemaError(f"{where}: missing members {missing}")
-    meta = json.loads(members["json"])
-    check_meta(meta, where)
+    meta = parse_meta(members["json"], where)
     sample = Sample(
         key=str(members.get("__key__", meta.get("key", ""))),
-        hq=decode_png(members["hq.png"], 3),
-        lq=decode_png(members["lq.png"], 3),
-        mask=decode_png(members["mask.png"], 1),
-        parts=decode_png(members["parts.png"], 1),
+        hq=decode_png(members["hq.png"], 3, f"{where}: hq.png"),
+        lq=decode_png(members["lq.png"], 3, f"{where}: lq.png"),
+        mask=decode_png(members["mask.png"], 1, f"{where}: mask.png"),
+        parts=decode_png(members["parts.png"], 1, f"{where}: parts.png"),
         meta=meta,
     )
-    residual = decode_residual(members["residual.npy.gz"])
-    if not np.array_equal(residual, sample.residual):
+    stored = decode_residual(members["residual.npy.gz"])
+    if not np.array_equal(stored, sample.residual):
         raise SchemaError(f"{where}: residual does not equal lq - hq")
     return sample

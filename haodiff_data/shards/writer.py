@@ -17,30 +17,14 @@ from typing import Any
 
 import webdataset as wds
 
+from haodiff_data.atomic import atomic_write_bytes, fsync_dir
+
 # Fixed tar metadata: the same samples always give the same shard bytes.
 _TAR_META = dict(user="haodiff", group="haodiff", mode=0o444, mtime=0)
 
 
 def shard_name(prefix: str, node_rank: int, shard: int) -> str:
     return f"{prefix}-r{node_rank:03d}-{shard:06d}.tar"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Benchmarks, one command each: `python -m haodiff_model.bench.gpu | .osd | .data`."""
+"""Benchmarks, one command each: `python -m haodiff_model.bench.gpu | .osd | .data | .learn`."""

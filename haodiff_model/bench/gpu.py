@@ -18,42 +18,28 @@ Without CUDA the same code runs on tiny configs as a smoke test (the numbers mea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
 import math
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from haodiff_model.losses.losses import Stage1Loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
+from haodiff_model.nets.layers import compiled_kernels
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
-from haodiff_model.train.dpg import TrainSettings, dpg_train_step
+from haodiff_model.train.dpg import dpg_train_step
 
 TRAIN_SPEEDUP_TARGET = 3.0
 PROMPT_MS_TARGET = 15.0
 TINY_DPG = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 1, 1), num_heads=(3, 3, 2, 2), window_size=8)
 TINY_PROMPT = PromptEmbedderConfig(dim_head=16, embed_dim=32, out_tokens=5, num_layers=2, num_heads_performer=2,
                                    num_heads_pool=4, pool_patch=4)
-
-
-@contextlib.contextmanager
-def compiled_kernels(enabled: bool) -> Iterator[None]:
-    """Switch the model's torch.compile'd kernels (swin.compiled_kernels_enabled) for a block."""
-    old = os.environ.get("HAODIFF_COMPILE")
-    os.environ["HAODIFF_COMPILE"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["HAODIFF_COMPILE"]
-        else:
-            os.environ["HAODIFF_COMPILE"] = old
 
 
 def _sync(device: torch.device) -> None:
@@ -87,11 +73,11 @@ def _train_once(cfg: DPGConfig, batch: int, steps: int, warmup: int, device: tor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        dpg_train_step(model, opt, data, TrainSettings().objective(), 1.0, amp_dtype, device)
+        dpg_train_step(model, opt, data, Stage1Loss(), 1.0, amp_dtype, device)
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss, _, _ = dpg_train_step(model, opt, data, TrainSettings().objective(), 1.0, amp_dtype, device)
+        loss, _, _ = dpg_train_step(model, opt, data, Stage1Loss(), 1.0, amp_dtype, device)
     _sync(device)
     elapsed = time.perf_counter() - start
     out = {"batch": batch, "steps": steps, "it_per_s": steps / elapsed, "samples_per_s": steps * batch / elapsed,

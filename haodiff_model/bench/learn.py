@@ -10,7 +10,7 @@ DPG is for on a photo it never saw? (issue #12)
 2. Training: `pipelines/train_dpg.yaml` (its defaults, or `--paper` for the paper's objective and
    optimiser as written) with a small DPG on random crops, for a fixed number of steps (the budget
    is in steps, so a run is reproducible whatever the machine's load), validation on the held-out
-   shards, through `DPGTrainer`: the loop, losses and guards a real run uses.
+   shards, through the stage-1 `train()`: the loop, losses and guards a real run uses.
 3. Evaluation on every held-out sample, whole 512x512 images:
    - mask head (p > 0.5) on HMB samples: IoU and Dice against the all-ones, all-zeros and person-mask
      baselines; its positive rate on samples without HMB; the AUROC of p inside the person;
@@ -43,17 +43,17 @@ from haodiff_data.intake.sources import embedded_sources
 from haodiff_data.recipe import load_recipe
 from haodiff_data.shards.reader import iter_samples
 from haodiff_model.train.distributed import init_distributed
-from haodiff_model.train.dpg import DPGTrainer, TrainDPGConfig
+from haodiff_model.train.dpg import TrainDPGConfig, train
 from haodiff_model.train.state import image_grid, save_png
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = ROOT / "pipelines" / "train_dpg.yaml"
 # A small DPG: the paper's structure (trunk 2 RSTBs, 2 per branch) at 24 channels, 0.2 M weights (paper: 9.7 M).
-SMALL_MODEL = ("model.embed_dim=24", "model.depths=[2,2,1,1]", "model.num_heads=[3,3,3,3]")
+SMALL_MODEL = ("dpg.embed_dim=24", "dpg.depths=[2,2,1,1]", "dpg.num_heads=[3,3,3,3]")
 # The paper's stage-1 objective and optimiser (Sec. 4.1) as the trainer shipped them before issue #12.
-PAPER_SETTINGS = ("train.lr=2e-3", "train.dice_weight=0.02", "train.dice_reduction=sample", "train.dice_smooth=1.0",
-                  "train.bce_weight=0.0", "train.focal_gamma=0.0", "train.mask_logit_bound=null",
-                  "train.scheduler=constant", "train.warmup_steps=0", "train.eps=1e-8", "train.grad_clip=1.0")
+PAPER_SETTINGS = ("loss.dice_weight=0.02", "loss.dice_reduction=sample", "loss.dice_smooth=1.0", "loss.bce_weight=0.0",
+                  "loss.focal_gamma=0.0", "loss.mask_logit_bound=null", "train.lr=2e-3", "train.scheduler=constant",
+                  "train.warmup_steps=0", "train.eps=1e-8", "train.grad_clip=1.0")
 TARGET_AUROC = 0.7
 TARGET_EMPTY_RATE = 0.05  # "predicts little on samples without HMB": at most 5 % of the pixels
 GRID_ROWS, GRID_SIDE = 6, 192
@@ -211,7 +211,7 @@ def targets(m: dict[str, Any]) -> list[tuple[str, bool]]:
 
 def run_config(args: argparse.Namespace, train_dir: Path, heldout_dir: Path, out: Path) -> TrainDPGConfig:
     overrides = [
-        *SMALL_MODEL, f"model.img_size={args.crop}",
+        *SMALL_MODEL, f"dpg.img_size={args.crop}",
         f"data.urls=[{train_dir}]", f"data.batch_size={args.batch}", "data.num_workers=1", "data.seed=0",
         "data.epoch_length=100000", "data.shuffle_buffer=64", f"data.crop_size={args.crop}", "data.hflip=true",
         # the warm-up scales with the budget: a tenth of it (the YAML's 500 is for 20k steps)
@@ -260,13 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = run_config(args, train_dir, heldout_dir, out)
 
     start = time.perf_counter()
-    trainer = DPGTrainer(cfg, init_distributed(args.device))
-    trainer.run()
+    _, model = train(cfg, ctx=init_distributed(args.device))
     train_s = time.perf_counter() - start
     print(f"trained {args.steps} steps in {train_s:.0f} s ({train_s / args.steps:.2f} s/step)  {uptime()}", flush=True)
 
     start = time.perf_counter()
-    metrics, grid = evaluate(trainer.model, heldout_dir)
+    metrics, grid = evaluate(model, heldout_dir)
     eval_s = time.perf_counter() - start
     save_png(out / "heldout.png", grid)
     checks = targets(metrics)

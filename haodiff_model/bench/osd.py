@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from haodiff_model.train.osd import Stage2Parts
+    from haodiff_model.train.osd_build import Stage2Parts
 
 # Tiny models for CPU tests and smoke runs (same block types as the real ones).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -82,7 +82,8 @@ def build_random_parts(disc: str, full: bool, device: torch.device, seed: int = 
     from haodiff_model.nets.restorer import SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG, OneStepRestorer
     from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
     from haodiff_model.nets.sdxl_cond import SDXL_BASE_UNET_CONFIG
-    from haodiff_model.train.osd import DiscriminatorSettings, Stage2Parts, discriminator_from_unet
+    from haodiff_model.train.osd_build import Stage2Parts, discriminator_from_unet
+    from haodiff_model.train.osd_config import DiscriminatorSettings
     from haodiff_model.losses.vgg import vgg16_features
 
     torch.manual_seed(seed)  # diffusers and nn defaults draw from the global RNG
@@ -114,7 +115,8 @@ def run_benchmark(disc: str = "sdxl", steps: int = 5, warmup: int = 2, batch: in
                   device: str | None = None) -> dict[str, Any]:
     """Time `steps` stage-2 training steps (after `warmup`); full models on CUDA, tiny ones on CPU."""
     from haodiff_model.train.distributed import DistContext
-    from haodiff_model.train.osd import DiscriminatorSettings, LossSettings, Stage2Step, TrainSettings
+    from haodiff_model.train.osd_config import DiscriminatorSettings, LossSettings, TrainSettings
+    from haodiff_model.train.osd_step import Stage2Step
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = dev.type == "cuda"

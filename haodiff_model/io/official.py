@@ -178,6 +178,9 @@ def unwrap_dpg_state_dict(obj: Mapping, report: LoadReport, param_key: str | Non
             raise CheckpointMismatchError(f"{report.source}: no '{param_key}' entry (has {sorted(obj)[:8]})")
         obj = obj[param_key]
         report.notes.append(f"took the '{param_key}' entry")
+    elif {"step", "models", "optimizers"} <= set(obj):
+        raise CheckpointMismatchError(f"{report.source} is a resumable training state (state.pt), not a weights "
+                                      "file: continue that run with --resume, or use the dpg.pth next to it")
     elif not all(isinstance(v, torch.Tensor) for v in obj.values()):
         wrappers = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
         if len(wrappers) != 1:

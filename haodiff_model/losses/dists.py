@@ -49,7 +49,10 @@ def load_dists_weights(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DISTS weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ValueError(f"{path}: not a torch file ({type(exc).__name__})") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict with keys 'alpha' and 'beta', got {type(state).__name__}")
     keys = set(state)

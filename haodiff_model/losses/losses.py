@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,11 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, redu
 
     reduction "sample" (paper Eq. 5 per image, then the mean over the batch): a sample whose
     target is empty scores ~0 whatever it predicts next to the smoothing eps, so it barely pushes
-    back, and on the many samples with a mask a uniform prediction is pushed towards all ones.
+    back, and on the samples with a mask a uniform prediction is pushed towards all ones.
     reduction "batch" sums numerator and denominator over the whole batch first: false positives
     on empty samples then enlarge the one denominator and cost as much as anywhere else.
-    eps = 1 keeps the per-sample loss defined on empty targets; next to the ~1.6e4 pixels of a
-    128x128 mask it is negligible otherwise.
+    eps = 1 keeps the per-sample loss defined on empty targets; next to the thousands of pixels
+    of a mask it is negligible otherwise.
     """
     if logits.shape != target.shape:
         raise ValueError(f"dice_loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
@@ -54,8 +55,7 @@ def focal_bce_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 0.
     which down-weights pixels already classified well by (1 - p_t) ** gamma."""
     if logits.shape != target.shape:
         raise ValueError(f"focal_bce_loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
-    t = target.to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
     if gamma:
         p_t = torch.exp(-bce)  # the probability given to the true class
         bce = (1 - p_t) ** gamma * bce
@@ -63,15 +63,17 @@ def focal_bce_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 0.
 
 
 @dataclass(frozen=True)
-class Stage1Objective:
-    """What the stage-1 loss adds up. The defaults are the paper's Eq. 4-5 as written (`PAPER_OBJECTIVE`):
-    L1(HQ) + L1(residual) + 0.02 Dice per sample, raw logits, no BCE; the trainer's defaults differ
-    (see pipelines/train_dpg.yaml for the measured reasons)."""
+class Stage1Loss:
+    """The stage-1 objective's settings (the `loss:` section of pipelines/train_dpg.yaml).
 
-    dice_weight: float = 0.02
-    dice_reduction: str = "sample"
+    The defaults are the ones the learnability benchmark chose (issue #12); `PAPER_LOSS` is paper
+    Eq. 4-5 as written: Dice per image on the raw logits' sigmoid, no BCE.
+    """
+
+    dice_weight: float = 0.02  # alpha of paper Eq. 4
+    dice_reduction: Literal["sample", "batch"] = "batch"
     dice_smooth: float = 1.0
-    bce_weight: float = 0.0
+    bce_weight: float = 0.1
     focal_gamma: float = 0.0
     mask_logit_bound: float | None = None
 
@@ -86,11 +88,11 @@ class Stage1Objective:
         }
         bad = [n for n, ok in checks.items() if not ok]
         if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) +
-                             f" (dice_reduction: {DICE_REDUCTIONS})")
+            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
 
 
-PAPER_OBJECTIVE = Stage1Objective()
+PAPER_LOSS = Stage1Loss(dice_weight=0.02, dice_reduction="sample", dice_smooth=1.0, bce_weight=0.0, focal_gamma=0.0,
+                        mask_logit_bound=None)
 
 
 def stage1_loss(
@@ -100,20 +102,20 @@ def stage1_loss(
     hq: torch.Tensor,
     residual: torch.Tensor,
     mask: torch.Tensor,
-    objective: Stage1Objective = PAPER_OBJECTIVE,
+    cfg: Stage1Loss = Stage1Loss(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1(HQ) + L1(residual = LQ - HQ) + dice_weight * Dice + bce_weight * (focal) BCE on the mask logits
-    (bounded first when the objective says so).
+    """L1(HQ) + L1(residual = LQ - HQ) + dice_weight * Dice + bce_weight * (focal) BCE on the mask
+    logits (bounded first when cfg says so).
 
     Returns the total and its weighted terms (detached, for logging): total == sum of the parts.
     """
-    o = objective
-    logits = bounded_logits(mask_logits, o.mask_logit_bound)
+    logits = bounded_logits(mask_logits, cfg.mask_logit_bound)
     parts = {
         "l1_hq": F.l1_loss(pred_hq, hq),
         "l1_residual": F.l1_loss(pred_residual, residual),
-        "dice": o.dice_weight * dice_loss(logits, mask, o.dice_smooth, o.dice_reduction),
-        "bce": o.bce_weight * focal_bce_loss(logits, mask, o.focal_gamma) if o.bce_weight else logits.new_zeros(()),
+        "dice": cfg.dice_weight * dice_loss(logits, mask, cfg.dice_smooth, cfg.dice_reduction),
+        "bce": cfg.bce_weight * focal_bce_loss(logits, mask, cfg.focal_gamma) if cfg.bce_weight
+        else logits.new_zeros(()),
     }
     total = parts["l1_hq"] + parts["l1_residual"] + parts["dice"] + parts["bce"]
     return total, {k: v.detach() for k, v in parts.items()}

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haodiff_model.nets.layers import init_default_
+from haodiff_model.nets.restorer import init_lora_
+
 # Linear/conv layers of the down blocks and mid block that get LoRA when the backbone trains.
 LORA_TARGET_MODULES: tuple[str, ...] = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -110,7 +113,10 @@ class LatentDiscriminator(nn.Module):
         head_norm_groups: int = 32,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
+        generator: torch.Generator | None = None,
     ):
+        """`generator` draws the head's and the LoRA's initial weights (PyTorch's default Linear/Conv
+        init, peft's gaussian LoRA init); without one they come from the global RNG."""
         super().__init__()
         if head_layers < 1:
             raise ValueError(f"head_layers must be >= 1, got {head_layers}")
@@ -139,6 +145,12 @@ class LatentDiscriminator(nn.Module):
             layers += [nn.GroupNorm(groups, in_c), nn.SiLU(), nn.Conv2d(in_c, head_channels, 3, padding=1)]
         layers += [nn.GroupNorm(head_norm_groups, head_channels), nn.SiLU(), nn.Conv2d(head_channels, 1, 1)]
         self.head = nn.Sequential(*layers)
+        if generator is not None:
+            if lora_rank > 0:
+                init_lora_(self.backbone, generator)
+            for m in self.head:
+                if isinstance(m, nn.Conv2d):
+                    init_default_(m, generator)
 
     def forward(
         self,

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.config import ConfigError, config_from_mapping, read_yaml_section
+from haodiff_data.config import ConfigError, from_dict
+from haodiff_model.config import read_section
 from haodiff_model.nets.layers import LayerNorm
 from haodiff_model.nets.swin import (
     ATTENTION_MODES, RSTB, DropPath, WindowAttention, WindowGeometry, image_to_tokens, init_swin_,
@@ -114,20 +115,20 @@ class DPGConfig:
         return tuple(b for b in range(self.branch_num) if b not in self.skip_branch)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "DPGConfig") -> "DPGConfig":
-        return config_from_mapping(cls, data, where)
+    def from_dict(cls, data: Mapping[str, Any], where: str = "dpg") -> "DPGConfig":
+        return from_dict(cls, data, where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: str = "dpg") -> "DPGConfig":
-        return cls.from_dict(read_yaml_section(path, section), f"{path}:{section}")
+        return cls.from_dict(read_section(path, section), f"{path}: {section}")
 
     @classmethod
     def from_swinir_kwargs(cls, kwargs: Mapping[str, Any], attention: str = "sdpa") -> "DPGConfig":
         """From the official `swinir_kwargs` (checkpoint); passive official keys are skipped."""
         if "norm_layer" in kwargs and kwargs["norm_layer"] not in (None, nn.LayerNorm, "LayerNorm"):
             raise ConfigError(f"swinir_kwargs: only LayerNorm is supported, got norm_layer={kwargs['norm_layer']!r}")
-        return config_from_mapping(cls, {**kwargs, "attention": attention}, "swinir_kwargs",
-                                   ignore=OFFICIAL_PASSIVE_KWARGS)
+        kept = {k: v for k, v in kwargs.items() if k not in OFFICIAL_PASSIVE_KWARGS}
+        return from_dict(cls, {**kept, "attention": attention}, "swinir_kwargs")
 
     def to_swinir_kwargs(self) -> dict[str, Any]:
         """Official `swinir_kwargs` (plain Python types, lists for sequences)."""

@@ -4,23 +4,39 @@ explicit generator."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+# The torch.compile'd kernels are on unless the process starts with HAODIFF_COMPILE=0 (read once);
+# `compiled_kernels(False)` switches them off for a block (the benchmark's eager baseline).
+_COMPILED = [os.environ.get("HAODIFF_COMPILE", "1") != "0"]
+
+
 def compiled_kernels_enabled(x: torch.Tensor) -> bool:
-    """Whether to use the torch.compile'd (Triton) kernels: CUDA tensors, unless HAODIFF_COMPILE=0.
+    """Whether to use the torch.compile'd (Triton) kernels: for CUDA tensors, unless switched off.
 
     They replace eager chains that are slow on GPU for this model's shapes (see LayerNorm and the
     FAVOR+ feature map); inside an enclosing torch.compile they are simply inlined.
     """
-    return x.is_cuda and os.environ.get("HAODIFF_COMPILE", "1") != "0"
+    return x.is_cuda and _COMPILED[0]
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool) -> Iterator[None]:
+    """Use (or not) the compiled kernels inside this block."""
+    old, _COMPILED[0] = _COMPILED[0], enabled
+    try:
+        yield
+    finally:
+        _COMPILED[0] = old
 
 
 @functools.cache
@@ -68,4 +84,4 @@ def init_default_(module: nn.Module, generator: torch.Generator) -> None:
         nn.init.uniform_(module.bias, -bound, bound, generator=generator)
 
 
-__all__ = ["LayerNorm", "compiled_kernels_enabled", "frozen", "init_default_", "run_compiled"]
+__all__ = ["LayerNorm", "compiled_kernels", "compiled_kernels_enabled", "frozen", "init_default_", "run_compiled"]

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.config import ConfigError, config_from_mapping, read_yaml_section
+from haodiff_data.config import ConfigError, from_dict
+from haodiff_model.config import read_section
 from haodiff_model.nets.dpg import DPGConfig, DPGFeatureExtractor
 from haodiff_model.nets.layers import init_default_
 from haodiff_model.nets.performer import Performer, init_performer_
@@ -61,19 +62,19 @@ class PromptEmbedderConfig:
             raise ValueError(f"prompt embedder sizes must be positive: {self}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "PromptEmbedderConfig") -> "PromptEmbedderConfig":
-        return config_from_mapping(cls, data, where)
+    def from_dict(cls, data: Mapping[str, Any], where: str = "prompt_embedder") -> "PromptEmbedderConfig":
+        return from_dict(cls, data, where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: str = "prompt_embedder") -> "PromptEmbedderConfig":
-        return cls.from_dict(read_yaml_section(path, section), f"{path}:{section}")
+        return cls.from_dict(read_section(path, section), f"{path}: {section}")
 
     @classmethod
     def from_performer_kwargs(cls, kwargs: Mapping[str, Any]) -> "PromptEmbedderConfig":
         for key in ("in_dim", "mid_dim"):
             if key in kwargs:
                 raise ConfigError(f"performer_kwargs: {key} is derived from the DPG embed_dim and must not be given")
-        return config_from_mapping(cls, kwargs, "performer_kwargs")
+        return from_dict(cls, kwargs, "performer_kwargs")
 
     def to_performer_kwargs(self) -> dict[str, Any]:
         default = PromptEmbedderConfig()

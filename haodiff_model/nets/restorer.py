@@ -227,9 +227,6 @@ class OneStepRestorer(nn.Module):
             add_unet_lora(unet, lora_rank, lora_alpha, lora_targets, generator)
         return cls(unet, vae, alphas_cumprod_from_config(scheduler_config), **kwargs)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute UNet blocks and VAE-decoder blocks in the backward pass (non-reentrant)."""
         for model in (self.unet, self.vae):
@@ -237,10 +234,6 @@ class OneStepRestorer(nn.Module):
                 model.enable_gradient_checkpointing()
             else:
                 model.disable_gradient_checkpointing()
-
-    def cast_frozen_(self, dtype: torch.dtype) -> None:
-        """Cast frozen weights (UNet base, VAE) to `dtype`; trainable LoRA weights stay float32."""
-        cast_frozen_(self, dtype)
 
     @property
     def abar(self) -> torch.Tensor:

@@ -4,9 +4,9 @@ Per rank, the loader yields an endless sequence of batches, cut into epochs of
 ``epoch_length`` batches. Batch tensors:
 
   hq, lq    float32 (B,3,H,W) RGB, x = (u8 - 127.5) / 127.5, in [-1, 1]
-  residual  float32 (B,3,H,W) = (LQ_u8 - HQ_u8) / 127.5, in [-2, 2]; equals lq - hq up to float32
-            rounding (|error| <= 2.4e-7). Computed from the two PNGs, which schema v1 guarantees
-            equal to the stored ``residual.npy.gz`` (so that member is not read).
+  residual  float32 (B,3,H,W) = schema.residual(HQ, LQ) / 127.5, in [-2, 2]; equals lq - hq up to
+            float32 rounding (|error| <= 2.4e-7). Computed from the two PNGs, which schema v1
+            guarantees equal to the stored ``residual.npy.gz`` (so that member is not read).
   mask      float32 (B,1,H,W) in {0, 1} (mask.png >= 128)
   key       list of B sample keys
 
@@ -15,8 +15,8 @@ one shard sequence per epoch, drawn with replacement by ``ResampledShards(determ
 from seed (seed, e), is the same on every rank and worker; the node split keeps every R-th draw
 from position r, the worker split every W-th of those. So each (rank, worker) reads a disjoint
 slice of the draws and every rank sees different data. Samples are shuffled in a per-(e, r, w)
-seeded buffer, decoded with OpenCV, cropped / flipped with a per-sample generator, and batched in
-the worker. ``WebLoader(...).with_epoch(n)`` cuts the epoch on the loader side.
+seeded buffer, decoded by the shard schema (haodiff_data.shards.schema), cropped / flipped with a
+per-sample generator, and batched in the worker. ``WebLoader(...).with_epoch(n)`` cuts the epoch on the loader side.
 
 Exact resume: batch ``j`` of a rank depends only on the config (shards, seed, batch size, workers,
 world size, epoch length, shuffle buffer, crop, flip) and ``j``. ``make_loader(..., start_step=k)``
@@ -34,7 +34,6 @@ good sample raises, and the DataLoader ``timeout_s`` turns any other stall into 
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections import Counter
@@ -43,17 +42,17 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from haodiff_data.config import ConfigError
 from haodiff_data.shards.reader import expand_shards
-from haodiff_data.shards.schema import SchemaError, check_meta
+from haodiff_data.shards.schema import MEMBERS, SchemaError, decode_png, parse_meta, residual
 
 # Only these members are read into memory; residual and parts are not needed for training.
-_NEEDED = ("hq.png", "lq.png", "mask.png", "json")
+_NEEDED = tuple(m for m in MEMBERS if m in ("hq.png", "lq.png", "mask.png", "json"))
 
 # Seed-stream tags, so the shard, shuffle and augmentation generators never share a seed.
 _SHARD_STREAM, _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1, 2
@@ -65,7 +64,7 @@ class DataSkipWarning(UserWarning):
 
 @dataclass
 class ShardStreamConfig:
-    urls: Sequence[str]  # shard files, folders (their *.tar), globs, brace patterns or remote URLs
+    urls: Sequence[str] = ("shards/*.tar",)  # shard files, folders (their *.tar), globs, brace patterns or remote URLs
     batch_size: int = 16
     num_workers: int = 4  # DataLoader workers per rank; 0 decodes in the main process
     seed: int = 0
@@ -75,7 +74,7 @@ class ShardStreamConfig:
     hflip: bool = False  # flip hq, lq, mask (and so the residual) together with probability 0.5
     max_failures: int = 100  # failed shard reads or decodes in a row before a worker gives up
     timeout_s: float = 600.0  # DataLoader error if no batch arrives from a worker for this long
-    pin_memory: bool = False
+    pin_memory: bool = True  # page-locked batches (only with CUDA)
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):
@@ -203,7 +202,7 @@ class _WorkerStream:
                 missing = [m for m in _NEEDED if m not in sample]
                 if missing:
                     raise SchemaError(f"{where}: missing members {missing}")
-                check_meta(_load_json(sample["json"], where), where)
+                parse_meta(sample["json"], where)
             except SchemaError as exn:
                 self._skip("sample", f"skipped sample {exn}")
                 continue
@@ -244,31 +243,11 @@ def _is_needed(fname: str) -> bool:
     return fname.split("/")[-1].partition(".")[2].lower() in _NEEDED
 
 
-def _load_json(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(data)
-    except ValueError as exn:
-        raise SchemaError(f"{where}: json member is not valid JSON ({exn})") from None
-    if not isinstance(meta, dict):
-        raise SchemaError(f"{where}: json member is not an object")
-    return meta
-
-
-def _read_png(data: bytes, name: str, channels: int, where: str) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise SchemaError(f"{where}: {name} is not a readable PNG")
-    shape_ok = image.ndim == 2 if channels == 1 else image.ndim == 3 and image.shape[2] == channels
-    if image.dtype != np.uint8 or not shape_ok:
-        raise SchemaError(f"{where}: {name} is {image.dtype} {image.shape}, expected uint8 with {channels} channel(s)")
-    return image
-
-
 def _decode_images(sample: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """hq, lq as HxWx3 uint8 in OpenCV's BGR order (``_collate`` swaps it) and mask HxW uint8."""
-    hq = _read_png(sample["hq.png"], "hq.png", 3, where)
-    lq = _read_png(sample["lq.png"], "lq.png", 3, where)
-    mask = _read_png(sample["mask.png"], "mask.png", 1, where)
+    """hq, lq as HxWx3 uint8 RGB and mask HxW uint8."""
+    hq = decode_png(sample["hq.png"], 3, f"{where}: hq.png")
+    lq = decode_png(sample["lq.png"], 3, f"{where}: lq.png")
+    mask = decode_png(sample["mask.png"], 1, f"{where}: mask.png")
     if not hq.shape[:2] == lq.shape[:2] == mask.shape:
         raise SchemaError(f"{where}: hq {hq.shape}, lq {lq.shape} and mask {mask.shape} differ in size")
     return hq, lq, mask
@@ -279,7 +258,7 @@ def _augment(hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, crop: int | None,
     if crop is not None:
         h, w = mask.shape
         if h < crop or w < crop:
-            raise SchemaError(f"{where}: image {w}x{h} is smaller than crop_size {crop}")
+            raise ConfigError(f"data.crop_size={crop} is larger than the images ({where} is {w}x{h})")
         top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
         window = (slice(top, top + crop), slice(left, left + crop))
         hq, lq, mask = hq[window], lq[window], mask[window]
@@ -296,24 +275,24 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "set crop_size to train on shards with mixed image sizes"
         )
     n, (h, w) = len(samples), samples[0]["mask"].shape
-    hq, lq, residual = (np.empty((n, 3, h, w), np.float32) for _ in range(3))
+    hq, lq, res = (np.empty((n, 3, h, w), np.float32) for _ in range(3))
     mask = np.empty((n, 1, h, w), np.float32)
     half = np.float32(127.5)
-    # One plane at a time stays in cache (about 2x faster than whole-batch array ops). u8 - 127.5
-    # and the difference of two such values are exact in float32, so residual = (LQ - HQ) / 127.5
-    # with a single rounding. Channel c of RGB is plane 2 - c of OpenCV's BGR.
+    # One plane at a time stays in cache (about 2x faster than whole-batch array ops). The integer
+    # residual and u8 - 127.5 are exact in float32, so each value is rounded once, by the division.
     for i, s in enumerate(samples):
+        diff = residual(s["hq"], s["lq"])
         for c in range(3):
-            np.subtract(s["hq"][:, :, 2 - c], half, out=hq[i, c], dtype=np.float32)
-            np.subtract(s["lq"][:, :, 2 - c], half, out=lq[i, c], dtype=np.float32)
-            np.subtract(lq[i, c], hq[i, c], out=residual[i, c])
-            for plane in (hq[i, c], lq[i, c], residual[i, c]):
+            np.subtract(s["hq"][:, :, c], half, out=hq[i, c], dtype=np.float32)
+            np.subtract(s["lq"][:, :, c], half, out=lq[i, c], dtype=np.float32)
+            res[i, c] = diff[:, :, c]
+            for plane in (hq[i, c], lq[i, c], res[i, c]):
                 np.divide(plane, half, out=plane)
         np.greater_equal(s["mask"], 128, out=mask[i, 0])
     return {
         "hq": torch.from_numpy(hq),
         "lq": torch.from_numpy(lq),
-        "residual": torch.from_numpy(residual),
+        "residual": torch.from_numpy(res),
         "mask": torch.from_numpy(mask),
         "key": [s["key"] for s in samples],
     }
@@ -341,10 +320,6 @@ class WorkerStats:
     busy_s: float = 0.0  # time the worker spent producing its batches
     skipped: Counter = field(default_factory=Counter)  # by kind: shard, sample, decode
 
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.busy_s if self.busy_s > 0 else 0.0
-
 
 class ShardLoader:
     """Batches of one rank. Each ``for`` pass is one epoch; ``step`` counts batches delivered."""
@@ -358,10 +333,6 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.cfg.epoch_length
 
-    @property
-    def epoch(self) -> int:
-        return self.step // self.cfg.epoch_length
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, offset = divmod(self.step, self.cfg.epoch_length)
         dataset = _EpochDataset(self.cfg, self.urls, self.rank, self.world_size, epoch, offset)
@@ -370,10 +341,14 @@ class ShardLoader:
             dataset, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             timeout=self.cfg.timeout_s if workers > 0 else 0,
         ).with_epoch(self.cfg.epoch_length - offset)
-        for batch in loader:
-            self._account(batch.pop("_report"), len(batch["key"]))
-            self.step += 1
-            yield batch
+        try:
+            for batch in loader:
+                self._account(batch.pop("_report"), len(batch["key"]))
+                self.step += 1
+                yield batch
+        except ConfigError as exc:  # from a worker: its message is the last line of the wrapped traceback
+            last = str(exc).strip().splitlines()[-1]
+            raise ConfigError(last.removeprefix(f"{ConfigError.__module__}.ConfigError: ")) from None
 
     def _account(self, report: _WorkerReport, samples: int) -> None:
         stats = self.worker_stats.setdefault(report.worker, WorkerStats())

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from haodiff_data.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -72,7 +74,8 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     if kind != "cuda":
         raise ValueError(f"device must be 'cuda', 'cpu' or None (auto), got {device!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        raise ConfigError("train.device=cuda but this torch build sees no CUDA device; set train.device=cpu "
+                          "(or null to pick CUDA when there is one)")
     if local_rank >= torch.cuda.device_count():
         raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     torch.cuda.set_device(local_rank)
@@ -102,11 +105,6 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_main() -> bool:
-    """Rank 0, or no process group at all."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:
@@ -160,5 +158,5 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-__all__ = ["DistContext", "all_gather_objects", "barrier", "broadcast_object", "init_distributed", "is_main",
+__all__ = ["DistContext", "all_gather_objects", "barrier", "broadcast_object", "init_distributed",
            "mean_scalars", "ranks_from_env", "shutdown_distributed", "unwrap", "wrap_ddp"]

@@ -35,34 +35,43 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
-from haodiff_model.io.official import load_dpg_weights, save_dpg
-from haodiff_model.losses.losses import DICE_REDUCTIONS, Stage1Objective, stage1_loss
+from haodiff_model.config import RunConfig
+from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights, save_dpg
+from haodiff_model.losses.losses import Stage1Loss, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
-from haodiff_model.train.guards import Stage1Guard
 from haodiff_model.train.loop import (
-    PRECISIONS, OutputSettings, Trainer, ValSettings, autocast_dtype, run_from_args, split_holdout,
+    OutputSettings, Run, TrainMeter, ValSettings, autocast_dtype, batches, build_train_loader, load_val_batch,
+    restore_rngs, run_from_args, split_holdout,
 )
+from haodiff_model.train.guards import Stage1Guard
 from haodiff_model.train.state import (
-    METRICS_FILE, apply_state, derive_seed, image_grid, plot_metrics, restore_rng, to_rgb_uint8,
+    METRICS_FILE, apply_state, derive_seed, image_grid, plot_metrics, to_rgb_uint8,
 )
 
-SCHEDULERS = ("constant", "cosine")
 DPG_WEIGHTS = "dpg.pth"
 LOSS_PARTS = ("l1_hq", "l1_residual", "dice", "bce")
 # per-step health figures of the heads (pre-clip gradient norms; the mask head's raw logits)
 HEAD_STATS = ("grad_norm", "grad_norm_hq", "grad_norm_residual", "grad_norm_mask", "mask_pos_rate",
               "mask_true_rate", "mask_logit_absmax")
 HEAD_NAMES = ("hq", "residual", "mask")  # branch order of DPGNetwork
+LOG_NAMES = ("loss", *LOSS_PARTS, *HEAD_STATS)  # the scalars each step logs, in order
+HEADS_PLOT_KEYS = (*(f"train/grad_norm_{n}" for n in HEAD_NAMES), "train/mask_logit_absmax")
 _DROP_PATH_STREAM = 101  # seed tag of the drop-path generators, apart from the data streams' tags
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the trained DPG starts: the official initialisation, or these stage-1 weights."""
+
+    init_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,65 +81,43 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    dice_weight: float = 0.02
-    dice_reduction: str = "batch"
-    dice_smooth: float = 1.0
-    bce_weight: float = 0.1
-    focal_gamma: float = 0.0
-    mask_logit_bound: float | None = None
-    scheduler: str = "cosine"
+    scheduler: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = 500
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
-    init_weights: str | None = None
-    device: str | None = None
+    device: Literal["cuda", "cpu"] | None = None
 
     def __post_init__(self) -> None:
-        check_scalar_types(self)
         checks = {
             "max_steps": self.max_steps >= 1,
             "lr": self.lr > 0,
-            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas": all(0 <= b < 1 for b in self.betas),
             "eps": self.eps > 0,
             "weight_decay": self.weight_decay >= 0,
-            "dice_weight": self.dice_weight >= 0,
-            "dice_reduction": self.dice_reduction in DICE_REDUCTIONS,
-            "dice_smooth": self.dice_smooth >= 0,
-            "bce_weight": self.bce_weight >= 0,
-            "focal_gamma": self.focal_gamma >= 0,
-            "mask_logit_bound": self.mask_logit_bound is None or self.mask_logit_bound > 0,
-            "scheduler": self.scheduler in SCHEDULERS,
             "warmup_steps": self.warmup_steps >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
-            "precision": self.precision in PRECISIONS,
             "seed": self.seed >= 0,
-            "device": self.device in (None, "cuda", "cpu"),
         }
         bad = [n for n, ok in checks.items() if not ok]
         if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) +
-                             f" (scheduler: {SCHEDULERS}, precision: {PRECISIONS}, device: cuda|cpu|null, "
-                             f"dice_reduction: {DICE_REDUCTIONS})")
-
-    def objective(self) -> Stage1Objective:
-        return Stage1Objective(self.dice_weight, self.dice_reduction, self.dice_smooth, self.bce_weight,
-                               self.focal_gamma, self.mask_logit_bound)
+            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
 
 
 @dataclass(frozen=True)
 class TrainDPGConfig(RunConfig):
-    """The whole stage-1 run; YAML sections model / data / train / val / output (see pipelines/train_dpg.yaml)."""
+    """The whole stage-1 run; YAML sections dpg / model / loss / data / train / val / output
+    (see pipelines/train_dpg.yaml)."""
 
-    RUN_DEFAULTS = {"data": {"urls": ["shards/*.tar"]}, "output": {"dir": "runs/dpg"}}
-
-    model: DPGConfig = field(default_factory=DPGConfig)
-    data: ShardStreamConfig = field(default_factory=lambda: TrainDPGConfig.run_default("data"))
+    dpg: DPGConfig = field(default_factory=DPGConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    loss: Stage1Loss = field(default_factory=Stage1Loss)
+    data: ShardStreamConfig = field(default_factory=ShardStreamConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     val: ValSettings = field(default_factory=ValSettings)
-    output: OutputSettings = field(default_factory=lambda: TrainDPGConfig.run_default("output"))
+    output: OutputSettings = field(default_factory=lambda: OutputSettings(dir="runs/dpg"))
 
 
 def lr_factor(step: int, t: TrainSettings) -> float:
@@ -153,7 +140,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainSettings) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
 
 
-def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], objective: Stage1Objective,
+def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_cfg: Stage1Loss,
                      amp_dtype: torch.dtype | None, device: torch.device
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """LQ -> predictions -> stage-1 loss (computed in fp32). Returns (loss, parts, predictions)."""
@@ -161,7 +148,7 @@ def dpg_forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], object
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         preds = model(lq)
     preds = [p.float() for p in preds]
-    loss, parts = stage1_loss(*preds, hq, residual, mask, objective)
+    loss, parts = stage1_loss(*preds, hq, residual, mask, loss_cfg)
     return loss, parts, preds
 
 
@@ -177,7 +164,7 @@ def _grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
 
 
 def dpg_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
-                   objective: Stage1Objective = Stage1Objective(), grad_clip: float | None = 1.0,
+                   loss_cfg: Stage1Loss = Stage1Loss(), grad_clip: float | None = 1.0,
                    amp_dtype: torch.dtype | None = None, device: torch.device | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer update on `batch`; returns (loss, parts, HEAD_STATS), all on device (no sync).
@@ -185,7 +172,7 @@ def dpg_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Ma
     The gradient norms are taken before clipping: the global one and one per branch.
     """
     device = device or next(model.parameters()).device
-    loss, parts, preds = dpg_forward_loss(model, batch, objective, amp_dtype, device)
+    loss, parts, preds = dpg_forward_loss(model, batch, loss_cfg, amp_dtype, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     heads = [_grad_norm(ps).to(device) for ps in head_parameters(model)]
@@ -215,133 +202,119 @@ def validation_grid(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Ten
     return image_grid(rows)
 
 
-class DPGTrainer(Trainer):
-    """Stage-1 training loop; build it on every rank, then `run()`."""
-
-    LOG_NAMES = ("loss", *LOSS_PARTS, *HEAD_STATS)
-    PLOT_KEYS = ("train/loss", *(f"train/{k}" for k in LOSS_PARTS), "val/loss")
-    OUTPUT_FILES = (DPG_WEIGHTS,)
-
-    def __init__(self, cfg: TrainDPGConfig, ctx: DistContext, resume: bool = False,
-                 log: Callable[[str], None] = print):
-        super().__init__(cfg, ctx, log)
-        state = self._initial_state(resume)
-        self.train_urls, self.val_urls = split_holdout(cfg)
-
-        t = cfg.train
-        self.objective = t.objective()
-        self.guard = Stage1Guard()
-        self.model = DPGNetwork(cfg.model, torch.Generator().manual_seed(t.seed))
-        if state is None and t.init_weights:
-            self.say(str(load_dpg_weights(self.model, t.init_weights)))
-        self.model.to(ctx.device)
-        self.drop_path_gen = torch.Generator(device=ctx.device)
-        self.model.set_drop_path_generator(self.drop_path_gen)
-        self.optimizer = make_optimizer(self.model.parameters(), t, ctx.device)
-        self.scheduler = make_scheduler(self.optimizer, t)
-        self.amp_dtype = autocast_dtype(t.precision, ctx.device)
-        if state is None:
-            self.drop_path_gen.manual_seed(derive_seed(t.seed, _DROP_PATH_STREAM, ctx.rank, 0))
-        else:
-            self._restore(state)
-        self.ddp = wrap_ddp(self.model, ctx)
-        self._start_run(resumed=state is not None)
-
-    def models(self) -> dict[str, nn.Module]:
-        return {"dpg": self.model}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"adam": self.optimizer}
-
-    def schedulers(self) -> dict[str, Any]:
-        return {"lr": self.scheduler}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"drop_path": self.drop_path_gen}
-
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        saved_model = dict(state["config"]["model"])
-        current = self.cfg.to_dict()["model"]
-        diff = sorted(k for k in current if k != "attention" and saved_model.get(k) != current[k])
-        if diff:
-            raise ConfigError(f"the checkpoint's model config differs in {diff}: "
-                              + ", ".join(f"{k}: {saved_model.get(k)!r} -> {current[k]!r}" for k in diff))
-        self.step = apply_state(state, self.models(), self.optimizers(), self.schedulers())
-        rank, world = self.ctx.rank, self.ctx.world_size
-        if state["world_size"] == world:
-            restore_rng(state["rng"][rank], self.generators())
-        else:
-            self.drop_path_gen.manual_seed(derive_seed(self.cfg.train.seed, _DROP_PATH_STREAM, rank, self.step))
-            self.say(f"world size {state['world_size']} -> {world}: model, optimizer, scheduler and step restored "
-                     "exactly; data streams and drop-path RNG re-derived for the new world (not an exact resume)")
-        self._check_data_settings(state)
-
-    def run(self) -> Path:
-        """Train to `train.max_steps`; returns the path of the final official-layout weights."""
-        self.say(f"stage 1: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                 f"{len(self.train_urls)} training shard(s), {len(self.val_urls)} validation shard(s), "
-                 f"world size {self.ctx.world_size}, device {self.ctx.device}, "
-                 f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, step {self.step} -> {self.cfg.train.max_steps}")
-        self.ddp.train()
-        self._train_loop()
-        return self.finish()
-
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        t = self.cfg.train
-        loss, parts, stats = dpg_train_step(self.ddp, self.optimizer, batch, self.objective, t.grad_clip,
-                                            self.amp_dtype, self.ctx.device)
-        self.scheduler.step()
-        return torch.stack([loss, *(parts[k] for k in LOSS_PARTS), *(stats[k] for k in HEAD_STATS)])
-
-    def check_health(self, metrics: Mapping[str, float]) -> list[str]:
-        return self.guard.check(self.step, metrics)
-
-    def _plot(self) -> None:
-        keys = [k for k in self.PLOT_KEYS if k != "train/bce" or self.objective.bce_weight]
-        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png", keys)
-        plot_metrics(self.out / METRICS_FILE, self.out / "heads.png",
-                     [f"train/grad_norm_{n}" for n in HEAD_NAMES] + ["train/mask_logit_absmax"])
-
-    def extra_train_metrics(self) -> dict[str, float]:
-        return {"train/lr": self.scheduler.get_last_lr()[0]}
-
-    def train_summary(self, metrics: Mapping[str, float]) -> str:
-        return (f"step {self.step}/{self.cfg.train.max_steps}  loss {metrics['train/loss']:.4f} "
-                f"(hq {metrics['train/l1_hq']:.4f} res {metrics['train/l1_residual']:.4f} "
-                f"dice {metrics['train/dice']:.4f} bce {metrics['train/bce']:.4f})  "
-                f"|g| {metrics['train/grad_norm']:.3f} "
-                f"(hq {metrics['train/grad_norm_hq']:.2e} res {metrics['train/grad_norm_residual']:.2e} "
-                f"mask {metrics['train/grad_norm_mask']:.2e})  mask+ {100 * metrics['train/mask_pos_rate']:.0f}% "
-                f"(true {100 * metrics['train/mask_true_rate']:.0f}%)  "
-                f"lr {metrics['train/lr']:.2e}  {metrics['train/it_per_s']:.2f} it/s  "
-                f"data wait {100 * metrics['train/data_wait_frac']:.0f}%")
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float] | None:
-        """Loss and image grid on the fixed held-out batch (rank 0; the other ranks go on)."""
-        if not self.ctx.is_main or self.val_batch is None:
-            return None
-        self.model.eval()
-        try:
-            loss, parts, preds = dpg_forward_loss(self.model, self.val_batch, self.objective,
-                                                  self.amp_dtype, self.ctx.device)
-        finally:
-            self.model.train()
-        metrics = {"val/loss": loss.item(), **{f"val/{k}": v.item() for k, v in parts.items()}}
-        self._log_validation(metrics, validation_grid(self.val_batch, preds))
-        return metrics
-
-    def write_outputs(self, folder: Path) -> None:
-        save_dpg(self.model, folder / DPG_WEIGHTS)
-
-    def finish(self) -> Path:
-        return self._finish()[0]
+@torch.no_grad()
+def validate(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_cfg: Stage1Loss,
+             amp_dtype: torch.dtype | None, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
+    """Loss and image grid on the fixed held-out batch, in eval mode."""
+    model.eval()
+    try:
+        loss, parts, preds = dpg_forward_loss(model, batch, loss_cfg, amp_dtype, device)
+    finally:
+        model.train()
+    metrics = {"val/loss": loss.item(), **{f"val/{k}": v.item() for k, v in parts.items()}}
+    return metrics, validation_grid(batch, preds)
 
 
-def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run stage 1 in this process (joins the launcher's process group if there is one)."""
-    ctx = init_distributed(cfg.train.device)
-    return DPGTrainer(cfg, ctx, resume, log).run()
+def _summary(step: int, max_steps: int, m: Mapping[str, float]) -> str:
+    return (f"step {step}/{max_steps}  loss {m['train/loss']:.4f} (hq {m['train/l1_hq']:.4f} "
+            f"res {m['train/l1_residual']:.4f} dice {m['train/dice']:.4f} bce {m['train/bce']:.4f})  "
+            f"|g| {m['train/grad_norm']:.3f} (hq {m['train/grad_norm_hq']:.2e} "
+            f"res {m['train/grad_norm_residual']:.2e} mask {m['train/grad_norm_mask']:.2e})  "
+            f"mask+ {100 * m['train/mask_pos_rate']:.0f}% (true {100 * m['train/mask_true_rate']:.0f}%)  "
+            f"lr {m['train/lr']:.2e}  {m['train/it_per_s']:.2f} it/s  data wait {100 * m['train/data_wait_frac']:.0f}%")
+
+
+def _check_same_architecture(state: Mapping[str, Any], cfg: TrainDPGConfig) -> None:
+    saved, current = dict(state["config"]["dpg"]), cfg.to_dict()["dpg"]
+    diff = sorted(k for k in current if k != "attention" and saved.get(k) != current[k])
+    if diff:
+        raise CheckpointMismatchError(f"the checkpoint's dpg architecture differs in {diff}: "
+                                      + ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff))
+
+
+def _load_init_weights(model: DPGNetwork, path: str) -> str:
+    try:
+        return str(load_dpg_weights(model, path))
+    except CheckpointMismatchError as exc:
+        summary = " ".join(line.strip() for line in str(exc).splitlines())
+        summary = summary if len(summary) < 400 else summary[:400] + " ..."
+        raise CheckpointMismatchError(f"model.init_weights does not fit the dpg section: {summary}") from None
+
+
+def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] = print,
+          ctx: DistContext | None = None) -> tuple[Path, DPGNetwork]:
+    """Run stage 1 to `train.max_steps` on every rank (joining the launcher's process group unless
+    `ctx` is given); returns the final official-layout weights file and the trained network."""
+    ctx = ctx or init_distributed(cfg.train.device)
+    t = cfg.train
+    plot_keys = ["train/loss", *(f"train/{k}" for k in LOSS_PARTS if k != "bce" or cfg.loss.bce_weight), "val/loss"]
+    run = Run(cfg, ctx, "dpg", plot_keys, log)
+    guard = Stage1Guard()
+    state = run.initial_state(resume)
+    train_urls, val_urls = split_holdout(cfg)
+
+    # model, optimizer, schedule
+    model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(t.seed))
+    if state is None and cfg.model.init_weights:
+        run.say(_load_init_weights(model, cfg.model.init_weights))
+    model.to(ctx.device)
+    drop_path_rng = torch.Generator(device=ctx.device)
+    model.set_drop_path_generator(drop_path_rng)
+    optimizer = make_optimizer(model.parameters(), t, ctx.device)
+    scheduler = make_scheduler(optimizer, t)
+    amp_dtype = autocast_dtype(t.precision, ctx.device)
+    checkpointed = {"models": {"dpg": model}, "optimizers": {"adam": optimizer}, "schedulers": {"lr": scheduler},
+                    "rngs": {"drop_path": drop_path_rng}}
+
+    # fresh start or resume
+    step = 0
+    if state is not None:
+        _check_same_architecture(state, cfg)
+        step = apply_state(state, checkpointed["models"], checkpointed["optimizers"], checkpointed["schedulers"])
+        if not restore_rngs(state, checkpointed["rngs"], ctx):
+            run.say(f"world size {state['world_size']} -> {ctx.world_size}: model, optimizer, scheduler and step "
+                    "restored exactly; data streams and drop-path RNG re-derived for the new world (not an exact "
+                    "resume)")
+        run.check_data_settings(state, train_urls)
+    if state is None or state["world_size"] != ctx.world_size:
+        drop_path_rng.manual_seed(derive_seed(t.seed, _DROP_PATH_STREAM, ctx.rank, step))
+    ddp = wrap_ddp(model, ctx)
+    loader = build_train_loader(cfg, train_urls, ctx, step)
+    val_batch = load_val_batch(cfg, val_urls) if ctx.is_main and cfg.val.every else None
+    run.start(step, resumed=state is not None)
+
+    def write_outputs(folder: Path) -> None:
+        save_dpg(model, folder / DPG_WEIGHTS)
+
+    run.say(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_urls)} training "
+            f"shard(s), {len(val_urls)} validation shard(s), world size {ctx.world_size}, device {ctx.device}, "
+            f"{'bf16 autocast' if amp_dtype else 'fp32'}, step {step} -> {t.max_steps}")
+    ddp.train()
+    meter = TrainMeter(LOG_NAMES, ctx)
+    for batch in batches(loader, t.max_steps, meter):
+        loss, parts, stats = dpg_train_step(ddp, optimizer, batch, cfg.loss, t.grad_clip, amp_dtype, ctx.device)
+        scheduler.step()
+        step += 1
+        meter.add(torch.stack([loss, *(parts[k] for k in LOSS_PARTS), *(stats[k] for k in HEAD_STATS)]))
+        last = step == t.max_steps
+        if step % cfg.output.log_every == 0 or last:
+            metrics = meter.report(batch["hq"].shape[0])
+            metrics["train/lr"] = scheduler.get_last_lr()[0]
+            metrics["train/skipped_samples"] = run.skipped(loader)
+            warnings = guard.check(step, metrics)
+            metrics["train/warnings"] = len(warnings)
+            run.log_train(step, metrics, _summary(step, t.max_steps, metrics))
+            for warning in warnings:
+                run.say(f"WARNING step {step}: {warning}")
+        with meter.paused():
+            if val_batch is not None and (step % cfg.val.every == 0 or last):
+                run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device))
+            if step % cfg.output.ckpt_every == 0 or last:
+                run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed)
+    weights = run.finish(step, [DPG_WEIGHTS], write_outputs, loader)[0]
+    if ctx.is_main:
+        plot_metrics(run.out / METRICS_FILE, run.out / "heads.png", HEADS_PLOT_KEYS)
+    return weights, model
 
 
 def main_dpg(args: argparse.Namespace) -> int:
@@ -349,5 +322,5 @@ def main_dpg(args: argparse.Namespace) -> int:
     return run_from_args(TrainDPGConfig, train, args)
 
 
-__all__ = ["DPGTrainer", "DPG_WEIGHTS", "HEAD_STATS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss",
-           "dpg_train_step", "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]
+__all__ = ["DPG_WEIGHTS", "HEAD_STATS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss", "dpg_train_step",
+           "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]

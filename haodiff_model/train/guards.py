@@ -41,7 +41,7 @@ class Stage1Guard:
         logit = metrics["train/mask_logit_absmax"]
         if logit > SATURATED_LOGIT:
             warnings.append(f"mask head saturated: |logit| up to {logit:.3g}, sigmoid gradient < 1e-13 "
-                            "(try train.mask_logit_bound, dice_reduction=batch, bce_weight > 0 or a lower lr)")
+                            "(try loss.mask_logit_bound, loss.dice_reduction=batch, bce_weight > 0 or a lower lr)")
         pos, true = metrics["train/mask_pos_rate"], metrics["train/mask_true_rate"]
         if CONSTANT_RATE < true < 1 - CONSTANT_RATE:
             if pos >= 1 - CONSTANT_RATE:

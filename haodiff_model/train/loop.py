@@ -1,36 +1,36 @@
-"""What the stage-1 and stage-2 trainers share: the run config scaffolding (sections, YAML,
-overrides), held-out validation data, and the `Trainer` base that owns the loop, logging,
-checkpoints and the resume handshake. Each trainer supplies its models and its training step.
+"""What the stage-1 and stage-2 training loops share, as plain pieces they call: the run sections
+(validation, output), held-out validation data, the batch stream across epochs, the step meter,
+and `Run`, the output folder (resume handshake, logs, checkpoints, official files).
 """
 
 from __future__ import annotations
 
-import abc
 import argparse
+import contextlib
 import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
+from haodiff_data.config import ConfigError
+from haodiff_model.config import RunConfig
 from haodiff_model.train.data import ShardLoader, ShardStreamConfig, make_loader, resolve_urls
 from haodiff_model.train.distributed import (
     DistContext, all_gather_objects, barrier, broadcast_object, mean_scalars, shutdown_distributed,
 )
 from haodiff_model.train.state import (
-    METRICS_FILE, CheckpointManager, MetricLogger, capture_rng, collect_state, plot_metrics, save_png,
+    METRICS_FILE, CheckpointManager, MetricLogger, capture_rng, collect_state, plot_metrics, restore_rng, save_png,
 )
 
-PRECISIONS = ("bf16", "fp32")
 # ShardStreamConfig fields that do not change which batches a rank gets
 _STREAM_NEUTRAL = ("max_failures", "timeout_s", "pin_memory")
 
@@ -45,21 +45,19 @@ class ValSettings:
     every: int = 1000
 
     def __post_init__(self) -> None:
-        check_scalar_types(self)
         if self.samples < 1 or self.every < 0:
             raise ValueError(f"invalid samples={self.samples!r} (>= 1) or every={self.every!r} (>= 0, 0 = off)")
 
 
 @dataclass(frozen=True)
 class OutputSettings:
-    dir: str
+    dir: str = "runs"
     log_every: int = 50
     ckpt_every: int = 2000
     keep_last: int = 3
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        check_scalar_types(self)
         bad = [n for n in ("log_every", "ckpt_every", "keep_last") if getattr(self, n) < 1]
         if bad:
             raise ValueError("must be >= 1: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
@@ -124,49 +122,119 @@ def stream_settings(data: ShardStreamConfig, train_urls: list[str]) -> dict[str,
     return d
 
 
-# ----------------------------------------------------------------------------- the trainer
+# ----------------------------------------------------------------------------- the run
 
 
-class Trainer(abc.ABC):
-    """The loop, logging, validation output, checkpoints and resume handshake of a trainer.
+def batches(loader: ShardLoader, max_steps: int, meter: TrainMeter) -> Iterator[dict[str, Any]]:
+    """The loader's batches until it has delivered batch `max_steps`, across its epochs (each `for`
+    pass over a ShardLoader is one epoch; the next pass continues the stream). The time spent
+    waiting for each batch goes to `meter`."""
+    while loader.step < max_steps:
+        epoch = iter(loader)
+        while loader.step < max_steps:
+            start = time.perf_counter()
+            batch = next(epoch, None)
+            if batch is None:
+                break
+            meter.waited(time.perf_counter() - start)
+            yield batch
 
-    A subclass builds its models in __init__ between `_initial_state` and `_start_run`, and gives:
-    LOG_NAMES (the scalars `train_step` returns, in order), PLOT_KEYS, `train_step`, `models`,
-    `optimizers`, `train_summary`, `validate`, `write_outputs(folder)` (the official files) and
-    OUTPUT_FILES (their names); optionally `schedulers`, `generators` (explicit RNGs saved per
-    rank), `extra_state`, `extra_train_metrics` and `check_health`.
+
+class TrainMeter:
+    """The logged scalars of the steps since the last report, summed on the device (no host sync per
+    step), and the time they took; `report` averages them over steps and ranks."""
+
+    def __init__(self, names: Sequence[str], ctx: DistContext):
+        self.names, self.ctx = tuple(names), ctx
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=ctx.device)
+        self.count, self.wait, self.tick = 0, 0.0, time.perf_counter()
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add(self, scalars: torch.Tensor) -> None:
+        """One step's scalars, in the order of `names`."""
+        self.sums += scalars.to(torch.float64)
+        self.count += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in the block (validation, checkpoints) does not count against it/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tick += time.perf_counter() - start
+
+    def report(self, batch_size: int) -> dict[str, float]:
+        """train/<name> means over the steps and ranks, it/s, samples/s, data-wait fraction (and peak
+        CUDA memory); starts the next window. A collective call."""
+        elapsed = time.perf_counter() - self.tick
+        means = self.sums / self.count
+        metrics = mean_scalars({f"train/{k}": v for k, v in zip(self.names, means)}, self.ctx.device)
+        metrics["train/it_per_s"] = self.count / elapsed
+        metrics["train/samples_per_s"] = self.count * batch_size * self.ctx.world_size / elapsed
+        metrics["train/data_wait_frac"] = self.wait / elapsed
+        if self.ctx.device.type == "cuda":
+            metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        self.sums.zero_()
+        self.count, self.wait, self.tick = 0, 0.0, time.perf_counter()
+        return metrics
+
+
+def restore_rngs(state: Mapping[str, Any], rngs: Mapping[str, torch.Generator], ctx: DistContext) -> bool:
+    """This rank's saved RNG states, when the checkpoint was written by as many ranks as there are now
+    (True); on another world size nothing is restored and the caller re-derives its generators."""
+    if state["world_size"] != ctx.world_size:
+        return False
+    restore_rng(state["rng"][ctx.rank], rngs)
+    return True
+
+
+class Run:
+    """The output folder of one training run and what is written to it; every rank holds one, rank 0
+    alone writes. The stages' loops call it to resume (`initial_state`), to start the logs
+    (`start`), to log (`log_train`, `log_validation`), to checkpoint (`save`) and to end (`finish`).
+
+    Folder: config.yaml, metrics.jsonl, tb/ (TensorBoard), val/step-*.png, loss.png,
+    checkpoints/step-*/{state.pt, the official files}, and the official files at the end.
     """
 
-    LOG_NAMES: ClassVar[tuple[str, ...]] = ()
-    PLOT_KEYS: ClassVar[tuple[str, ...]] = ()
-    OUTPUT_FILES: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, cfg: Any, ctx: DistContext, log: Callable[[str], None] = print):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: Any, ctx: DistContext, stage: str, plot_keys: Sequence[str],
+                 log: Callable[[str], None] = print):
+        self.cfg, self.ctx, self.stage = cfg, ctx, stage
         self.out = Path(cfg.output.dir)
+        self.plot_keys = list(plot_keys)
         self._log = log
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.output.keep_last, enabled=ctx.is_main)
-        self.step = 0
+        self.metrics = MetricLogger(self.out, enabled=False)
 
     def say(self, message: str) -> None:
         if self.ctx.is_main:
             self._log(message)
 
-    def _initial_state(self, resume: bool) -> dict[str, Any] | None:
-        """Rank 0 finds and reads the checkpoint and sends it to all ranks (no shared disk needed)."""
+    def initial_state(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None: start fresh). Rank 0 finds and reads it and sends it to
+        all ranks (no shared disk needed); a folder that cannot be resumed by this run raises."""
         decision: tuple[str, Any] | None = None
         if self.ctx.is_main:
             latest = self.ckpts.latest()
             if latest is not None and resume:
-                decision = ("resume", (str(latest), CheckpointManager.load(latest)))
+                state = CheckpointManager.load(latest)
+                problem = self._resume_problem(state)
+                decision = ("config", problem) if problem else ("resume", (str(latest), state))
             elif latest is not None:
-                decision = ("error", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
-                                      "to continue that run or choose another output directory"))
+                decision = ("exists", (f"{self.out} already holds checkpoints (latest: {latest}); pass --resume "
+                                       "to continue that run or choose another output directory"))
             else:
                 decision = ("fresh", "no checkpoint found, starting from scratch" if resume else "")
         kind, payload = broadcast_object(decision)
-        if kind == "error":
+        if kind == "exists":
             raise FileExistsError(payload)
+        if kind == "config":
+            raise ConfigError(payload)
         if kind == "fresh":
             if payload:
                 self.say(payload)
@@ -175,160 +243,94 @@ class Trainer(abc.ABC):
         self.say(f"resuming from {path} (step {state['step']})")
         return state
 
-    def _check_data_settings(self, state: Mapping[str, Any]) -> None:
-        if state["data"] != stream_settings(self.cfg.data, self.train_urls):
+    def _resume_problem(self, state: Mapping[str, Any]) -> str:
+        """Why `state` cannot be resumed by this run ("" when it can)."""
+        # checkpoints written before the stage was stored are told apart by their models
+        stage = state.get("stage") or ("dpg" if "dpg" in state["models"] else "osd")
+        if stage != self.stage:
+            return (f"{self.out} holds a stage-{'1' if stage == 'dpg' else '2'} run ({stage}): resume it with "
+                    f"`haodiff-train {stage} --resume`, or give this {self.stage} run another output folder")
+        if state["step"] > self.cfg.train.max_steps:
+            return (f"the checkpoint in {self.out} is at step {state['step']}, beyond train.max_steps="
+                    f"{self.cfg.train.max_steps}: pass a larger --max-steps to continue it")
+        return ""
+
+    def check_data_settings(self, state: Mapping[str, Any], train_urls: list[str]) -> None:
+        if state["data"] != stream_settings(self.cfg.data, train_urls):
             self.say("data settings differ from the checkpoint's: the data stream restarts at the saved step "
                      "but is not the one the uninterrupted run would have read")
 
-    def _start_run(self, resumed: bool) -> None:
-        """Data streams, metrics and config.yaml, once the models are built (and restored)."""
-        self.loader = build_train_loader(self.cfg, self.train_urls, self.ctx, self.step)
-        self.val_batch = load_val_batch(self.cfg, self.val_urls) if self.ctx.is_main and self.cfg.val.every else None
+    def start(self, step: int, resumed: bool) -> None:
+        """Open the metric logs (a resumed run drops the records after its checkpoint) and write config.yaml."""
         self.metrics = MetricLogger(self.out, self.ctx.is_main, self.cfg.output.tensorboard,
-                                    resume_step=self.step if resumed else None)
+                                    resume_step=step if resumed else None)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "config.yaml", "w") as f:
                 yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
 
-    # hooks --------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One update at `self.step`; the LOG_NAMES scalars stacked, on device (no host sync)."""
-
-    @abc.abstractmethod
-    def models(self) -> dict[str, nn.Module]:
-        """The modules whose state dicts checkpoints hold, by name."""
-
-    @abc.abstractmethod
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimizers checkpoints hold, by name."""
-
-    def schedulers(self) -> dict[str, Any]:
-        return {}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        return {}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def extra_train_metrics(self) -> dict[str, float]:
-        return {}
-
-    def check_health(self, metrics: Mapping[str, float]) -> list[str]:
-        """Warnings about the logged training metrics at `self.step` (saturated heads, divergence, ...)."""
-        return []
-
-    @abc.abstractmethod
-    def train_summary(self, metrics: Mapping[str, float]) -> str:
-        """The console line for a training log record."""
-
-    @abc.abstractmethod
-    def write_outputs(self, folder: Path) -> None:
-        """Write OUTPUT_FILES into `folder`."""
-
-    # the run -------------------------------------------------------------------------------
-
-    def _train_loop(self) -> None:
-        t, o = self.cfg.train, self.cfg.output
-        dev = self.ctx.device
-        sums = torch.zeros(len(self.LOG_NAMES), dtype=torch.float64, device=dev)
-        count, wait, tick = 0, 0.0, time.perf_counter()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        while self.step < t.max_steps:
-            batches = iter(self.loader)
-            while self.step < t.max_steps:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break  # end of the loader's epoch: the next pass continues the stream
-                wait += time.perf_counter() - t0
-                scalars = self.train_step(batch)
-                self.step += 1
-                sums += scalars.to(torch.float64)
-                count += 1
-                if self.loader.step != self.step:
-                    raise RuntimeError(f"loader at batch {self.loader.step} but trainer at step {self.step}")
-                last = self.step == t.max_steps
-                if self.step % o.log_every == 0 or last:
-                    self._log_train(sums / count, count, wait, time.perf_counter() - tick, batch["hq"].shape[0])
-                    sums.zero_()
-                    count, wait, tick = 0, 0.0, time.perf_counter()
-                paused = time.perf_counter()
-                if self.cfg.val.every and (self.step % self.cfg.val.every == 0 or last):
-                    self.validate()
-                if self.step % o.ckpt_every == 0 or last:
-                    self.save()
-                tick += time.perf_counter() - paused  # validation and checkpoints stay out of it/s
-
-    def _log_train(self, means: torch.Tensor, count: int, wait: float, elapsed: float, batch_size: int) -> None:
-        metrics = mean_scalars({f"train/{k}": v for k, v in zip(self.LOG_NAMES, means)}, self.ctx.device)
+    def log_train(self, step: int, metrics: Mapping[str, float], line: str) -> None:
+        """A training record (stops the run on a non-finite loss) and its console line."""
         if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"step {self.step}: non-finite loss {metrics}; resume from the last checkpoint "
+            raise FloatingPointError(f"step {step}: non-finite loss {dict(metrics)}; resume from the last checkpoint "
                                      f"({self.ckpts.latest()}) with a lower lr or stronger clipping")
-        metrics.update(self.extra_train_metrics())
-        metrics["train/it_per_s"] = count / elapsed
-        metrics["train/samples_per_s"] = count * batch_size * self.ctx.world_size / elapsed
-        metrics["train/data_wait_frac"] = wait / elapsed
-        if self.ctx.device.type == "cuda":
-            metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
-        warnings = self.check_health(metrics)
-        metrics["train/warnings"] = len(warnings)
-        self.metrics.log(self.step, metrics)
-        self.say(self.train_summary(metrics))
-        for w in warnings:
-            self.say(f"WARNING step {self.step}: {w}")
+        self.metrics.log(step, metrics)
+        self.say(line)
 
-    @abc.abstractmethod
-    def validate(self) -> dict[str, float] | None:
-        """Validation losses and grid on the fixed held-out batch (rank 0); see `_log_validation`."""
-
-    def _log_validation(self, metrics: Mapping[str, float], grid: np.ndarray) -> None:
-        """Record validation losses (val/loss among them) and the image grid (rank 0)."""
-        self.metrics.log(self.step, metrics)
-        save_png(self.out / "val" / f"step-{self.step:08d}.png", grid)
-        self.metrics.log_image("val/grid", self.step, grid)
+    def log_validation(self, step: int, metrics: Mapping[str, float], grid: np.ndarray) -> None:
+        """Validation losses (val/loss among them) and the image grid (rank 0)."""
+        self.metrics.log(step, metrics)
+        save_png(self.out / "val" / f"step-{step:08d}.png", grid)
+        self.metrics.log_image("val/grid", step, grid)
         self.metrics.flush()
         self._plot()
-        self.say(f"step {self.step}  val loss {metrics['val/loss']:.4f}")
+        self.say(f"step {step}  val loss {metrics['val/loss']:.4f}")
 
     def _plot(self) -> None:
-        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png", list(self.PLOT_KEYS))
+        plot_metrics(self.out / METRICS_FILE, self.out / "loss.png", self.plot_keys)
 
-    def save(self) -> Path | None:
-        """Resumable state of all ranks plus the official files, written by rank 0."""
-        rng = all_gather_objects(capture_rng(self.generators()))
+    def save(self, step: int, loader: ShardLoader, train_urls: list[str], models: Mapping[str, nn.Module],
+             optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
+             rngs: Mapping[str, torch.Generator], write_outputs: Callable[[Path], Any],
+             **extra: Any) -> Path | None:
+        """Checkpoint `step`: the resumable state (every rank's RNGs) and the official files that
+        `write_outputs(folder)` writes, by rank 0. A collective call."""
+        rng = all_gather_objects(capture_rng(rngs))
         if not self.ctx.is_main:
             return None
-        state = collect_state(self.step, self.models(), self.optimizers(), self.schedulers(), rng=rng,
-                              world_size=self.ctx.world_size, loader_step=self.loader.step,
-                              data=stream_settings(self.cfg.data, self.train_urls), config=self.cfg.to_dict(),
-                              **self.extra_state())
-        path = self.ckpts.save(self.step, state, extra=self.write_outputs)
+        state = collect_state(step, models, optimizers, schedulers, rng=rng, world_size=self.ctx.world_size,
+                              loader_step=loader.step, data=stream_settings(self.cfg.data, train_urls),
+                              config=self.cfg.to_dict(), stage=self.stage, **extra)
+        path = self.ckpts.save(step, state, extra=write_outputs)
         self.say(f"saved {path}")
         return path
 
-    def _finish(self) -> list[Path]:
+    def skipped(self, loader: ShardLoader) -> int:
+        """Shards and samples the data loaders skipped so far, all ranks together. A collective call."""
+        mean = mean_scalars({"skipped": loader.skipped_total()}, self.ctx.device)["skipped"]
+        return round(mean * self.ctx.world_size)
+
+    def finish(self, step: int, names: Sequence[str], write_outputs: Callable[[Path], Any],
+               loader: ShardLoader) -> list[Path]:
         """The official files in the output folder (copied from the final checkpoint when it is this step's)."""
-        files = [self.out / name for name in self.OUTPUT_FILES]
+        files = [self.out / name for name in names]
+        skipped = self.skipped(loader)
         if self.ctx.is_main:
             latest = self.ckpts.latest()
-            if latest is not None and latest.name == self.ckpts.path_for(self.step).name:
+            if latest is not None and latest.name == self.ckpts.path_for(step).name:
                 for f in files:
                     shutil.copyfile(latest / f.name, f)
             else:
-                self.write_outputs(self.out)
+                write_outputs(self.out)
             if (self.out / METRICS_FILE).is_file():
                 self._plot()
-            self.say(f"done at step {self.step}: {', '.join(str(f) for f in files)}")
+            self.say(f"done at step {step}: {', '.join(str(f) for f in files)}; "
+                     f"{skipped} shard(s) or sample(s) skipped by the data loader")
         self.metrics.close()
         barrier()
         return files
 
 
-__all__ = ["OutputSettings", "PRECISIONS", "Trainer", "ValSettings", "autocast_dtype",
-           "build_train_loader", "load_val_batch", "run_from_args", "split_holdout",
+__all__ = ["OutputSettings", "Run", "TrainMeter", "ValSettings", "autocast_dtype", "batches",
+           "build_train_loader", "load_val_batch", "restore_rngs", "run_from_args", "split_holdout",
            "stream_settings"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from haodiff_data.shards.writer import fsync_dir, atomic_write_bytes
+from haodiff_data.atomic import atomic_write_bytes, fsync_dir
 from haodiff_model.train.distributed import unwrap
 
 STATE_FILE = "state.pt"
@@ -40,8 +40,7 @@ _PREFIX = "step-"
 # ----------------------------------------------------------------------------- RNG
 
 
-def capture_rng(generators: Mapping[str, torch.Generator] | None = None,
-                numpy_generators: Mapping[str, np.random.Generator] | None = None) -> dict[str, Any]:
+def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """States of Python's, NumPy's and torch's global RNGs (CUDA: the current device's, if in use),
     plus the explicit generators given by name. The result survives torch.load(weights_only=True)."""
     np_state = np.random.get_state(legacy=False)
@@ -51,20 +50,17 @@ def capture_rng(generators: Mapping[str, torch.Generator] | None = None,
         "numpy": np_state,
         "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
-        "numpy_generators": {name: g.bit_generator.state for name, g in (numpy_generators or {}).items()},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None,
-                numpy_generators: Mapping[str, np.random.Generator] | None = None) -> None:
+def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
     """Inverse of `capture_rng`; every named generator given must be present in `state`."""
-    for kind, given in (("generators", generators or {}), ("numpy_generators", numpy_generators or {})):
-        missing = sorted(set(given) - set(state.get(kind, {})))
-        if missing:
-            raise KeyError(f"RNG state has no {kind} {missing} (has {sorted(state.get(kind, {}))})")
+    missing = sorted(set(generators or {}) - set(state["generators"]))
+    if missing:
+        raise KeyError(f"RNG state has no generators {missing} (has {sorted(state['generators'])})")
     random.setstate(state["python"])
     np_state = dict(state["numpy"])
     np_state["state"] = dict(np_state["state"])
@@ -75,8 +71,6 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
         torch.cuda.set_rng_state(state["cuda"])
     for name, g in (generators or {}).items():
         g.set_state(state["generators"][name])
-    for name, g in (numpy_generators or {}).items():
-        g.bit_generator.state = state["numpy_generators"][name]
 
 
 def derive_seed(*words: int) -> int:
