@@ -78,6 +78,8 @@ def parameter_plots(table: dict[str, list], path: Path) -> None:
 
 def inspect_shards(shards: list[str], out: Path | None, max_samples: int) -> list[Path]:
     paths = expand_shards(shards)
+    if not paths:
+        raise FileNotFoundError(f"no shards (*.tar) in {' '.join(shards)}")
     out = out or paths[0].parent
     out.mkdir(parents=True, exist_ok=True)
     samples = list(islice(iter_samples(paths), max_samples))

@@ -25,14 +25,28 @@ def shard_name(prefix: str, node_rank: int, shard: int) -> str:
     return f"{prefix}-r{node_rank:03d}-{shard:06d}.tar"
 
 
+class ShardWriteError(OSError):
+    """Output could not be written (disk full, quota, I/O error); nothing partial was left."""
+
+
+def _write_failed(path: Path, exc: OSError) -> ShardWriteError:
+    error = ShardWriteError(f"cannot write {path}: {exc.strerror or exc}")
+    error.errno = exc.errno
+    return error
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, exc) from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -78,10 +92,13 @@ class ShardSink:
         return self.out_dir / f".{shard_name(self.prefix, self.node_rank, self.state.next_shard)}.tmp"
 
     def add(self, sample: dict[str, Any]) -> None:
-        if self._tar is None:
-            self._file = open(self._tmp_path(), "wb")
-            self._tar = wds.TarWriter(self._file, encoder=False, **_TAR_META)
-        self._tar.write(sample)
+        try:
+            if self._tar is None:
+                self._file = open(self._tmp_path(), "wb")
+                self._tar = wds.TarWriter(self._file, encoder=False, **_TAR_META)
+            self._tar.write(sample)
+        except OSError as exc:
+            raise _write_failed(self._tmp_path(), exc) from exc
         self._count += 1
 
     def reject(self, record: dict[str, Any]) -> None:
@@ -95,13 +112,16 @@ class ShardSink:
 
     def _commit_shard(self) -> None:
         assert self._tar is not None and self._file is not None
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         final = self.out_dir / shard_name(self.prefix, self.node_rank, self.state.next_shard)
-        os.replace(self._tmp_path(), final)
-        fsync_dir(self.out_dir)
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp_path(), final)
+            fsync_dir(self.out_dir)
+        except OSError as exc:
+            raise _write_failed(final, exc) from exc
         self.shards_written.append(final)
         self.state.next_shard += 1
         self.state.written += self._count
@@ -124,7 +144,13 @@ class ShardSink:
     def abort(self) -> None:
         """Drop the open temporary shard (its tasks are redone on resume)."""
         if self._file is not None:
-            self._file.close()
+            # Closing flushes, which fails again on a full disk; the file is deleted anyway, and a
+            # closed tar stream does not retry the write when it is garbage-collected.
+            for close in (self._tar.close, self._file.close):
+                try:
+                    close()
+                except (OSError, ValueError):
+                    pass
             self._tmp_path().unlink(missing_ok=True)
         self._tar, self._file = None, None
 
