@@ -19,7 +19,10 @@ import yaml
 
 from haodiff_data.segment.goliath import GROUPS
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+# A link to the top-level pipelines/ in a checkout, a folder of copies in an installed wheel; a
+# checkout without links (Windows) falls back to the top-level folder.
+_PACKAGED = Path(__file__).resolve().parent / "pipelines"
+PIPELINES_DIR = _PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "pipelines"
 
 
 class RecipeError(ValueError):
