@@ -33,6 +33,15 @@ def _int_at_least(low: int):
 positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def seed_int(text: str) -> int:
+    from haodiff_data.rng import JSON_SAFE_SEEDS
+
+    value = non_negative_int(text)
+    if value >= JSON_SAFE_SEEDS:  # the seed is written to every sample's JSON
+        raise argparse.ArgumentTypeError(f"must be < 2^53 (exact in every JSON reader), got {value}")
+    return value
+
+
 def shard_prefix(text: str) -> str:
     # The prefix is part of a file name in --out: a separator would write elsewhere.
     if not text or "/" in text or os.sep in text or text in (".", ".."):
@@ -43,7 +52,8 @@ def shard_prefix(text: str) -> str:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="haodiff",
                    help="recipe name in pipelines/ (haodiff, realesrgan, s3diff-mild) or a YAML path (default: haodiff)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="global seed; sample i draws only from (seed, i) (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="global seed in [0, 2^53); sample i draws only from (seed, i) (default: 0)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:

@@ -394,6 +394,14 @@ def parameter_table(metas: list[dict[str, Any]]) -> dict[str, list]:
     return table
 
 
+def repeated_crops(metas: list[dict[str, Any]]) -> int:
+    """Samples whose HQ is the same crop of the same source as an earlier sample: a source at the
+    crop size leaves no room to move, so its K samples share one HQ (and differ in degradation)."""
+    crops = Counter(json.dumps([m["source"]["sha256"], m["source"].get("working_size"), m["source"]["crop"]["box"]])
+                    for m in metas)
+    return sum(n - 1 for n in crops.values())
+
+
 def summarize_table(table: dict[str, list]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, values in table.items():
@@ -429,6 +437,7 @@ def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeStat
         "samples_rejected": sum(len(r["samples"]) for r in state.rejects),
         "sources_rejected": len({r["source"] for r in state.rejects}),
         "rejects_by_reason": dict(Counter(r["reason"].split(":")[0] for r in state.rejects)),
+        "samples_repeating_a_crop": repeated_crops(metas),
         "this_invocation": {
             "samples": made_now,
             "wall_s": round(wall, 3),
@@ -456,3 +465,6 @@ def print_summary(summary: dict[str, Any], out: Path, file=None, command: str = 
         f"{summary['workers']} workers)",
         file=file or sys.stderr,
     )
+    if summary.get("samples_repeating_a_crop"):
+        print(f"  note: {summary['samples_repeating_a_crop']} samples repeat the HQ crop of an earlier sample of the "
+              "same source (sources at the crop size); they differ only in degradation", file=file or sys.stderr)

@@ -35,6 +35,7 @@ def small_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("argv,flag", [
     (["synth", "--seed", "-1"], "--seed"),
+    (["synth", "--seed", str(2**53)], "--seed"),
     (["synth", "-k", "0"], "--samples-per-image/-k"),
     (["synth", "-k", "-2"], "--samples-per-image/-k"),
     (["synth", "--limit", "0"], "--limit"),
@@ -54,6 +55,26 @@ def test_bad_arguments_are_rejected_before_any_work(argv, flag, tmp_path, capsys
     assert exc.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _integers(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [i for v in value for i in _integers(v)]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
+
+
+def test_every_json_integer_is_exact_in_double_based_readers(small_run):
+    metas = []
+    for shard in sorted(small_run.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    seeds = [m["hmb"]["psf_seed"] for m in metas if m["hmb"]] + [
+        o["noise"]["noise_seed"] for m in metas for o in (m["generic_first"], m["generic_second"]) if o]
+    assert seeds
+    values = _integers(metas)
+    assert values and max(values) < 2**53
 
 
 def test_node_rank_outside_the_partition_and_out_a_file(tmp_path, capsys):
@@ -201,3 +222,20 @@ def test_hostile_file_names_and_links_are_sources_or_rejects(tmp_path, monkeypat
     assert main(["replay", str(out), "--key", meta["key"]]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["checks"]["hq_from_source"] == "identical"
+
+
+def test_inspect_sheet_spreads_over_sources_as_a_grid(tmp_path, capsys):
+    from haodiff_data.report import stratified_keys
+
+    index = [(f"s{i:09d}", f"src{i // 8}") for i in range(24)]  # three sources, eight samples each
+    assert stratified_keys(index, 4) == ["s000000000", "s000000008", "s000000016", "s000000001"]
+    many = [(f"s{i:09d}", f"src{i}") for i in range(100)]
+    assert stratified_keys(many, 4) == ["s000000000", "s000000025", "s000000050", "s000000075"]
+    out = tmp_path / "out"
+    assert main(["synth", "--out", str(out), *BASE, "-k", "6"]) == 0  # the bundled photos, K = 6
+    # The astronaut is 512x512: its six samples share one HQ crop, and the summary says so.
+    assert json.loads((out / "summary-r000.json").read_text())["samples_repeating_a_crop"] >= 5
+    assert "samples repeat the HQ crop of an earlier sample" in capsys.readouterr().err
+    assert main(["inspect", str(out), "--out", str(tmp_path / "sheet")]) == 0
+    sheet = __import__("cv2").imread(str(tmp_path / "sheet" / "contact_sheet.png"))
+    assert sheet.shape == (24 + 8 * 192, 2 * 4 * 192, 3)  # sixteen samples: two columns of eight
