@@ -1,7 +1,8 @@
 """``haodiff-data``: synthesize, re-degrade, replay, inspect and benchmark HAODiff training shards.
 
 Exit codes: 0 success; 1 a check failed (replay mismatch); 2 bad arguments or a run that cannot
-start; 3 the run finished but some inputs were rejected (see rejects-r*.jsonl).
+start; 3 the run finished but some inputs were rejected (see rejects-r*.jsonl); 4 writing the
+output failed (disk full, ...): nothing partial is left, and --resume continues.
 """
 
 from __future__ import annotations
@@ -12,13 +13,47 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REJECTS, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def seed_int(text: str) -> int:
+    from haodiff_data.rng import JSON_SAFE_SEEDS
+
+    value = non_negative_int(text)
+    if value >= JSON_SAFE_SEEDS:  # the seed is written to every sample's JSON
+        raise argparse.ArgumentTypeError(f"must be < 2^53 (exact in every JSON reader), got {value}")
+    return value
+
+
+def shard_prefix(text: str) -> str:
+    # The prefix is part of a file name in --out: a separator would write elsewhere.
+    if not text or "/" in text or os.sep in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"must be a plain file-name prefix (no '/'), got {text!r}")
+    return text
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="haodiff",
                    help="recipe name in pipelines/ (haodiff, realesrgan, s3diff-mild) or a YAML path (default: haodiff)")
-    p.add_argument("--seed", type=int, default=0, help="global seed; sample i draws only from (seed, i) (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="global seed in [0, 2^53); sample i draws only from (seed, i) (default: 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value (YAML syntax, dotted key), repeatable, e.g. --set hmb.psf_iters=500")
 
@@ -27,10 +62,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     from haodiff_data.synth import default_workers
 
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder for shards (default: shards/)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=positive_int, default=default_workers(),
                    help="worker processes (default: all cores); output bytes do not depend on it")
-    p.add_argument("--prefix", default="haodiff", help="shard file prefix: PREFIX-rNODE-SHARD.tar (default: haodiff)")
-    p.add_argument("--samples-per-shard", type=int, default=None,
+    p.add_argument("--prefix", type=shard_prefix, default="haodiff", help="shard file prefix: PREFIX-rNODE-SHARD.tar (default: haodiff)")
+    p.add_argument("--samples-per-shard", type=positive_int, default=None,
                    help="samples per shard file; a shard closes at the first source-image boundary past it "
                         "(default: the recipe's shards.samples_per_shard)")
     p.add_argument("--resume", action="store_true",
@@ -51,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or .tar WebDataset shards of images")
     _add_recipe_args(p)
     _add_run_args(p)
-    p.add_argument("--samples-per-image", "-k", type=int, default=None,
+    p.add_argument("--samples-per-image", "-k", type=positive_int, default=None,
                    help="K samples (different crops and degradations) per source image "
                         "(default: 1, or 8 on the bundled photos)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="stop after the first N samples of the sample index space (all nodes together)")
     p.add_argument("--segmenter", choices=("mediapipe", "sapiens", "labels"), default="mediapipe",
                    help="body-part segmenter: mediapipe (embedded, default), sapiens (needs --checkpoint), "
@@ -62,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)")
     p.add_argument("--device", default="cpu", help="device for the sapiens segmenter: cpu or cuda[:N] (default: cpu)")
     p.add_argument("--labels-dir", help="folder of precomputed Goliath label maps named <source stem>.png")
-    p.add_argument("--num-nodes", type=int, default=None,
+    p.add_argument("--num-nodes", type=positive_int, default=None,
                    help="number of independent nodes sharing the inputs (default: $WORLD_SIZE as set by "
                         "torchrun/accelerate, else 1)")
-    p.add_argument("--node-rank", type=int, default=None,
+    p.add_argument("--node-rank", type=non_negative_int, default=None,
                    help="this node's rank in [0, num-nodes) (default: $RANK as set by torchrun/accelerate, else 0)")
 
     p = sub.add_parser("degrade", help="re-degrade existing shards (their stored HQ and part labels) with another recipe or seed")
@@ -80,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="contact sheet (HQ | LQ | mask over LQ | residual) and parameter plots")
     p.add_argument("shards", nargs="+", help="shard files, folders or globs")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the first shard's folder)")
-    p.add_argument("--max-samples", type=int, default=16, help="rows in the contact sheet (default: 16)")
+    p.add_argument("--max-samples", type=positive_int, default=16, help="rows in the contact sheet (default: 16)")
 
     p = sub.add_parser("bench", help="ms per stage at 512x512 on one core, and end-to-end samples/s")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--samples", type=int, default=50, help="degradations timed per stage (default: 50)")
-    p.add_argument("--workers", type=int, default=None, help="workers for the end-to-end run (default: all cores)")
-    p.add_argument("--end-to-end-samples", type=int, default=48,
+    p.add_argument("--samples", type=positive_int, default=50, help="degradations timed per stage (default: 50)")
+    p.add_argument("--workers", type=positive_int, default=None, help="workers for the end-to-end run (default: all cores)")
+    p.add_argument("--end-to-end-samples", type=non_negative_int, default=48,
                    help="samples in the end-to-end synth run (default: 48; 0 skips it)")
     _add_recipe_args(p)
     _add_detection_parsers(sub)
@@ -184,25 +219,51 @@ def _load_recipe(args: argparse.Namespace):
     return recipe
 
 
+def _env_int(name: str, default: int) -> int:
+    from haodiff_data.synth import RunError
+
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise RunError(f"${name} must be an integer, got {text!r}") from None
+
+
+def _check_out(out: Path) -> None:
+    from haodiff_data.synth import RunError
+
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from haodiff_data.intake.sources import embedded_sources
     from haodiff_data.synth import RunError, SynthConfig, print_summary, synth
 
     # Under torchrun/accelerate every process is a "node" of the partition, on its own GPU.
-    num_nodes = args.num_nodes if args.num_nodes is not None else int(os.environ.get("WORLD_SIZE", 1))
-    node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("RANK", 0))
+    num_nodes = args.num_nodes if args.num_nodes is not None else _env_int("WORLD_SIZE", 1)
+    node_rank = args.node_rank if args.node_rank is not None else _env_int("RANK", 0)
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     embedded = not args.inputs
     inputs = [s.path for s in embedded_sources()] if embedded else args.inputs
     k = args.samples_per_image or (8 if embedded else 1)
+    if num_nodes < 1:
+        raise RunError(f"--num-nodes must be >= 1, got {num_nodes}")
     if not 0 <= node_rank < num_nodes:
-        raise RunError(f"--node-rank must be in [0, {num_nodes})")
+        raise RunError(f"--node-rank must be in [0, {num_nodes}), got {node_rank}")
     if args.segmenter == "sapiens" and not args.checkpoint:
         raise RunError("--segmenter sapiens needs --checkpoint PATH (a Sapiens lite *_torchscript.pt2 or *.pt2)")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise RunError(f"--checkpoint {args.checkpoint}: file not found")
     if args.segmenter == "labels" and not args.labels_dir:
         raise RunError("--segmenter labels needs --labels-dir DIR")
+    if args.labels_dir and not os.path.isdir(args.labels_dir):
+        raise RunError(f"--labels-dir {args.labels_dir}: folder not found")
+    _check_out(args.out)
     cfg = SynthConfig(
         inputs=inputs, out=args.out, recipe=_load_recipe(args), seed=args.seed, samples_per_image=k,
         limit=args.limit, workers=args.workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
@@ -211,20 +272,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     summary = synth(cfg)
     print_summary(summary, args.out)
-    return EXIT_REJECTS if summary["samples_rejected"] else EXIT_OK
+    return EXIT_REJECTS if summary["samples_rejected"] or summary["sources_rejected"] else EXIT_OK
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
     from haodiff_data.redegrade import DegradeConfig, redegrade
     from haodiff_data.synth import print_summary
 
+    _check_out(args.out)
     cfg = DegradeConfig(
         shards=args.shards, out=args.out, recipe=_load_recipe(args), seed=args.seed, workers=args.workers,
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
     summary = redegrade(cfg)
-    print_summary(summary, args.out)
-    return EXIT_OK
+    print_summary(summary, args.out, command="degrade")
+    return EXIT_REJECTS if summary["samples_rejected"] or summary["sources_rejected"] else EXIT_OK
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -238,6 +300,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from haodiff_data.report import inspect_shards
 
+    if args.out is not None:
+        _check_out(args.out)
     for path in inspect_shards(args.shards, args.out, args.max_samples):
         print(path)
     return EXIT_OK
@@ -349,15 +413,25 @@ COMMANDS = {"synth": cmd_synth, "degrade": cmd_degrade, "replay": cmd_replay, "i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from haodiff_data.atomic import OutputWriteError
     from haodiff_data.recipe import RecipeError
+    from haodiff_data.shards.reader import SampleNotFoundError
+    from haodiff_data.shards.schema import SchemaError
     from haodiff_data.synth import RunError
 
+    # File names are bytes: print the undecodable ones as they are rather than fail on them.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (RecipeError, RunError, FileNotFoundError, KeyError) as exc:
+    except (RecipeError, RunError, FileNotFoundError, SchemaError, SampleNotFoundError) as exc:
         print(f"haodiff-data {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputWriteError as exc:
+        print(f"haodiff-data {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ from typing import Any
 from haodiff_data.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from haodiff_data.segment.goliath import GROUPS
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+# A link to the top-level pipelines/ in a checkout, a folder of copies in an installed wheel; a
+# checkout without links (Windows) falls back to the top-level folder.
+_PACKAGED = Path(__file__).resolve().parent / "pipelines"
+PIPELINES_DIR = _PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "pipelines"
 
 
 class RecipeError(ConfigError):
@@ -157,26 +160,131 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _fail(where: str, expected: str, value: Any) -> None:
+    raise RecipeError(f"{where}: expected {expected}, got {to_dict(value)!r}")
+
+
+def _probability(value: float, where: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        _fail(where, "a probability in [0, 1]", value)
+
+
+def _weights(values: tuple[float, ...], where: str) -> None:
+    if not values or min(values) < 0 or sum(values) <= 0:
+        _fail(where, "weights >= 0, not all 0", values)
+
+
+def _range(bounds: tuple[float, float], where: str, low: float, high: float = float("inf"), strict_low: bool = False) -> None:
+    lo, hi = bounds
+    ok = (lo > low if strict_low else lo >= low) and lo <= hi <= high
+    if not ok:
+        sign = "<" if strict_low else "<="
+        upper = "" if high == float("inf") else f" <= {high:g}"
+        _fail(where, f"a range [low, high] with {low:g} {sign} low <= high{upper}", bounds)
+
+
+def _kernel_sizes(sizes: tuple[int, ...], where: str) -> None:
+    if not sizes or any(k < 3 or k % 2 == 0 for k in sizes):
+        _fail(where, "odd kernel sizes >= 3 (a kernel has a centre pixel)", sizes)
+
+
+def _at_least(value: int, low: int, where: str) -> None:
+    if value < low:
+        _fail(where, f"an integer >= {low}", value)
+
+
+def _modes(modes: tuple[str, ...], where: str) -> None:
+    from haodiff_data.degrade.generic import RESIZE_MODES  # degrade imports this module
+
+    if not modes or any(m not in RESIZE_MODES for m in modes):
+        _fail(where, f"resize modes among {', '.join(RESIZE_MODES)}", modes)
+
+
+def _check_order(order: OrderConfig, where: str) -> None:
+    _probability(order.blur_prob, f"{where}.blur_prob")
+    blur = order.blur
+    _kernel_sizes(blur.kernel_sizes, f"{where}.blur.kernel_sizes")
+    from haodiff_data.degrade.kernels import MIXED_TYPES  # degrade imports this module
+
+    if not set(blur.kernel_types) <= set(MIXED_TYPES):
+        _fail(f"{where}.blur.kernel_types", f"kernel types among {', '.join(MIXED_TYPES)}", blur.kernel_types)
+    if len(blur.kernel_types) != len(blur.kernel_probs):
+        raise RecipeError(f"{where}.blur: kernel_types and kernel_probs differ in length")
+    _weights(blur.kernel_probs, f"{where}.blur.kernel_probs")
+    _range(blur.sigma_range, f"{where}.blur.sigma_range", 0, strict_low=True)
+    for name in ("betag_range", "betap_range"):
+        bounds = getattr(blur, name)
+        if not 0 < bounds[0] <= 1 <= bounds[1]:
+            _fail(f"{where}.blur.{name}", "0 < low <= 1 <= high (half the draws on each side of 1)", bounds)
+    _probability(blur.sinc_prob, f"{where}.blur.sinc_prob")
+    resize = order.resize
+    _weights(resize.probs, f"{where}.resize.probs")
+    if not 0 < resize.range[0] <= 1 <= resize.range[1]:
+        _fail(f"{where}.resize.range", "0 < low <= 1 <= high (down draws below 1, up above)", resize.range)
+    _modes(resize.modes, f"{where}.resize.modes")
+    noise = order.noise
+    for name in ("gaussian_prob", "gray_prob"):
+        _probability(getattr(noise, name), f"{where}.noise.{name}")
+    _range(noise.sigma_range, f"{where}.noise.sigma_range", 0)
+    _range(noise.poisson_scale_range, f"{where}.noise.poisson_scale_range", 0)
+    if order.jpeg_range is not None:
+        _range(order.jpeg_range, f"{where}.jpeg_range", 1, 100)
+
+
 def validate(recipe: Recipe) -> Recipe:
-    """Check cross-field constraints that types alone cannot express."""
-    fo = recipe.first_order
-    if min(fo.p_none, fo.p_hmb, fo.p_generic) < 0 or fo.p_none + fo.p_hmb + fo.p_generic <= 0:
-        raise RecipeError("first_order: probabilities must be >= 0 and not all zero")
+    """Check every value against what the pipeline can use, naming the dotted key; run before any
+    work so a bad recipe stops a run at once, not one sample at a time."""
+    _at_least(recipe.intake.min_side, 1, "intake.min_side")
+    _at_least(recipe.intake.max_pixels, 1, "intake.max_pixels")
+    crop, scale = recipe.crop, recipe.generic.scale
     if recipe.crop.mode not in ("person", "random", "center"):
         raise RecipeError(f"crop.mode: expected person, random or center, got {recipe.crop.mode!r}")
-    unknown = [g for g in recipe.hmb.groups if g not in GROUPS]
+    _at_least(scale, 1, "generic.scale")
+    # The LQ is made at size / scale, and the stage-2 trainer encodes crops with SD's VAE (8x).
+    if crop.size < 64 or crop.size % 8 or crop.size % scale:
+        _fail("crop.size", f"a multiple of 8 and of generic.scale ({scale}), at least 64", crop.size)
+    fo = recipe.first_order
+    for name in ("p_none", "p_hmb", "p_generic"):
+        _probability(getattr(fo, name), f"first_order.{name}")
+    if fo.p_none + fo.p_hmb + fo.p_generic <= 0:
+        raise RecipeError("first_order: probabilities must not all be 0")
+    hmb = recipe.hmb
+    unknown = [g for g in hmb.groups if g not in GROUPS]
     if unknown:
         raise RecipeError(f"hmb.groups: unknown group(s) {unknown}; known: {', '.join(GROUPS)}")
-    if len(recipe.hmb.groups) != len(recipe.hmb.group_weights):
+    if len(hmb.groups) != len(hmb.group_weights):
         raise RecipeError("hmb.groups and hmb.group_weights must have the same length")
-    for order in ("first", "second"):
-        blur = getattr(recipe.generic, order).blur
-        if len(blur.kernel_types) != len(blur.kernel_probs):
-            raise RecipeError(f"generic.{order}.blur: kernel_types and kernel_probs differ in length")
-    if recipe.generic.scale < 1:
-        raise RecipeError("generic.scale must be >= 1")
-    if recipe.generic.scale > 1 and not recipe.generic.final.resize_back:
+    _weights(hmb.group_weights, "hmb.group_weights")
+    _probability(hmb.min_group_fraction, "hmb.min_group_fraction")
+    _probability(hmb.mask_threshold, "hmb.mask_threshold")
+    for name in ("erode_range", "dilate_range"):
+        bounds = getattr(hmb, name)
+        _range(bounds, f"hmb.{name}", 1)
+        if bounds[0] == bounds[1] and bounds[0] % 2 == 0:
+            _fail(f"hmb.{name}", "a range containing an odd size", bounds)
+    _range(hmb.feather_sigma_range, "hmb.feather_sigma_range", 0, strict_low=True)
+    _at_least(hmb.psf_canvas, 3, "hmb.psf_canvas")
+    _at_least(hmb.psf_iters, 1, "hmb.psf_iters")
+    if hmb.psf_max_len <= 0:
+        _fail("hmb.psf_max_len", "a length > 0", hmb.psf_max_len)
+    if not hmb.psf_expl_choices or min(hmb.psf_expl_choices) < 0:
+        _fail("hmb.psf_expl_choices", "values >= 0, at least one", hmb.psf_expl_choices)
+    if not hmb.psf_fraction_choices or not all(0 < f <= 1 for f in hmb.psf_fraction_choices):
+        _fail("hmb.psf_fraction_choices", "fractions in (0, 1], at least one", hmb.psf_fraction_choices)
+    _check_order(recipe.generic.first, "generic.first")
+    _check_order(recipe.generic.second, "generic.second")
+    final = recipe.generic.final
+    _probability(final.sinc_prob, "generic.final.sinc_prob")
+    _probability(final.jpeg_first_prob, "generic.final.jpeg_first_prob")
+    _kernel_sizes(final.kernel_sizes, "generic.final.kernel_sizes")
+    _range(final.jpeg_range, "generic.final.jpeg_range", 1, 100)
+    _modes(final.resize_modes, "generic.final.resize_modes")
+    _modes(final.resize_back_modes, "generic.final.resize_back_modes")
+    if scale > 1 and not final.resize_back:
         raise RecipeError("generic.final.resize_back must be true when generic.scale > 1 (LQ and HQ share a size)")
+    _at_least(recipe.shards.samples_per_shard, 1, "shards.samples_per_shard")
+    if not 0 <= recipe.shards.png_compression <= 9:
+        _fail("shards.png_compression", "a zlib level in [0, 9]", recipe.shards.png_compression)
     return recipe
 
 

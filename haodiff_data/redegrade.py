@@ -6,6 +6,7 @@ degradation drawn from (new seed, sample index) with the given recipe.
 
 from __future__ import annotations
 
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,16 @@ def _degrade_shard(path: Path) -> TaskResult:
     cfg = _CFG["cfg"]
     result = TaskResult()
     timer = _Timer(result.timings)
-    for members in iter_members(path):
+    members_iter = iter_members(path)
+    while True:
+        try:
+            members = next(members_iter, None)
+        except (OSError, tarfile.TarError) as exc:
+            # A cut or corrupt shard: keep the samples before the damage, record the rest.
+            result.rejects.append({"source": str(path), "reason": f"unreadable shard: {exc}", "samples": []})
+            break
+        if members is None:
+            break
         where = f"{path}:{members['__key__']}"
         try:
             sample = decode_sample(members, where)
@@ -58,6 +68,20 @@ def _degrade_shard(path: Path) -> TaskResult:
     return result
 
 
+def count_samples(paths: list[Path]) -> int:
+    """Samples in the shards, from tar headers alone (for the progress bar); a damaged shard
+    counts up to the damage."""
+    total = 0
+    for path in paths:
+        try:
+            with tarfile.open(path, "r") as tar:
+                for info in tar:
+                    total += info.name.endswith(".json")
+        except (OSError, tarfile.TarError):
+            pass
+    return total
+
+
 def redegrade(cfg: DegradeConfig) -> dict[str, Any]:
     inputs = expand_shards(cfg.shards)
     out = cfg.out.resolve()
@@ -69,6 +93,6 @@ def redegrade(cfg: DegradeConfig) -> dict[str, Any]:
     first = sink.state.next_task
     t0 = time.perf_counter()
     results = ordered_map(_degrade_shard, inputs[first:], cfg.workers, _init, (cfg,))
-    made, timings = drive(results, sink, first, len(inputs), 0, cfg.progress)
+    made, timings = drive(results, sink, first, len(inputs), count_samples(inputs[first:]), cfg.progress)
     run_info = {"seed": cfg.seed, "num_nodes": 1, "workers": cfg.workers, "degraded_from": [str(p) for p in inputs]}
     return write_summary(cfg.out, cfg.prefix, 0, sink.state, cfg.recipe, run_info, time.perf_counter() - t0, made, timings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from typing import Any
 
 import numpy as np
@@ -33,10 +34,15 @@ def replay(shards: list[str], key: str) -> dict[str, Any]:
     checks = report["checks"]
 
     src = meta["source"]
-    try:
-        data = read_recorded_source(src["path"], src.get("member"))
-    except (OSError, KeyError):
-        data = None
+    data = None
+    # The resolved absolute path works from any folder; the path as given is the fallback for
+    # shards written before it was recorded.
+    for where in dict.fromkeys(p for p in (src.get("resolved"), src["path"]) if p):
+        try:
+            data = read_recorded_source(where, src.get("member"))
+            break
+        except (OSError, KeyError, tarfile.TarError):
+            continue
     if data is None or sha256(data) != src["sha256"]:
         checks["hq_from_source"] = "skipped: source file missing or changed"
     else:

@@ -1,9 +1,12 @@
-"""``haodiff-data inspect``: what a person looks at before training on a shard set."""
+"""``haodiff-data inspect``: what a person looks at before training on a shard set.
+
+The contact sheet samples every source (a shard set sorted by source would otherwise show the
+first source's K crops and nothing else), as a grid a screen can show whole.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 
 import cv2
@@ -13,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from haodiff_data.shards.reader import expand_shards, iter_samples  # noqa: E402
-from haodiff_data.shards.schema import Sample  # noqa: E402
+from haodiff_data.shards.reader import expand_shards, iter_members  # noqa: E402
+from haodiff_data.shards.schema import Sample, check_meta, decode_sample  # noqa: E402
 from haodiff_data.synth import parameter_table, read_metas  # noqa: E402
 
 TILE = 192
@@ -39,19 +42,43 @@ def _label(tile: np.ndarray, text: str) -> np.ndarray:
     return tile
 
 
+def _cell(sample: Sample) -> np.ndarray:
+    """HQ | LQ | mask over LQ | residual of one sample, labelled with its key and first order."""
+    tiles = _tiles(sample)
+    hmb = sample.meta.get("hmb") or {}
+    tiles[0] = _label(tiles[0], sample.key)
+    tiles[1] = _label(tiles[1], f"{sample.meta['first_order']} {hmb.get('group', '')}".strip())
+    return np.concatenate(tiles, axis=1)
+
+
 def contact_sheet(samples: list[Sample]) -> np.ndarray:
-    """Rows of HQ | LQ | mask over LQ | residual, each row labelled with key and first order."""
-    header = np.full((24, TILE * 4, 3), 255, np.uint8)
+    """A grid of samples (each HQ | LQ | mask over LQ | residual), column-major, about square."""
+    columns = max(1, round(np.sqrt(len(samples) / len(COLUMNS))))
+    per_column = -(-len(samples) // columns)
+    cell_w = TILE * len(COLUMNS)
+    header = np.full((24, cell_w, 3), 255, np.uint8)
     for c, name in enumerate(COLUMNS):
         cv2.putText(header, name, (c * TILE + 4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    rows = [header]
-    for s in samples:
-        tiles = _tiles(s)
-        hmb = s.meta.get("hmb") or {}
-        tiles[0] = _label(tiles[0], s.key)
-        tiles[1] = _label(tiles[1], f"{s.meta['first_order']} {hmb.get('group', '')}".strip())
-        rows.append(np.concatenate(tiles, axis=1))
-    return np.concatenate(rows, axis=0)
+    sheet = np.full((24 + per_column * TILE, columns * cell_w, 3), 255, np.uint8)
+    for col in range(columns):
+        sheet[:24, col * cell_w:(col + 1) * cell_w] = header
+    for n, sample in enumerate(samples):
+        col, row = divmod(n, per_column)
+        sheet[24 + row * TILE:24 + (row + 1) * TILE, col * cell_w:(col + 1) * cell_w] = _cell(sample)
+    return sheet
+
+
+def stratified_keys(index: list[tuple[str, str]], max_samples: int) -> list[str]:
+    """Up to ``max_samples`` keys from ``(key, source)`` pairs, spread over the sources: the first
+    sample of every source before any second one; with more sources than room, evenly spaced ones."""
+    by_source: dict[str, list[str]] = {}
+    for key, source in index:
+        by_source.setdefault(source, []).append(key)
+    groups = list(by_source.values())
+    if len(groups) > max_samples:
+        groups = [groups[i * len(groups) // max_samples] for i in range(max_samples)]
+    picked = [g[k] for k in range(max(map(len, groups), default=0)) for g in groups if k < len(g)]
+    return picked[:max_samples]
 
 
 def parameter_plots(table: dict[str, list], path: Path) -> None:
@@ -78,11 +105,20 @@ def parameter_plots(table: dict[str, list], path: Path) -> None:
 
 def inspect_shards(shards: list[str], out: Path | None, max_samples: int) -> list[Path]:
     paths = expand_shards(shards)
+    if not paths:
+        raise FileNotFoundError(f"no shards (*.tar) in {' '.join(shards)}")
     out = out or paths[0].parent
     out.mkdir(parents=True, exist_ok=True)
-    samples = list(islice(iter_samples(paths), max_samples))
+    metas = read_metas(paths)
+    for meta in metas:
+        check_meta(meta, f"sample {meta.get('key')}")
+    index = [(m["key"], f"{m['source']['path']}::{m['source'].get('member')}") for m in metas]
+    wanted = set(stratified_keys(index, max_samples))
+    samples = sorted((decode_sample(members, f"{path}:{members['__key__']}")
+                      for path in paths for members in iter_members(path) if members["__key__"] in wanted),
+                     key=lambda s: s.key)
     sheet_path = out / "contact_sheet.png"
     cv2.imwrite(str(sheet_path), cv2.cvtColor(contact_sheet(samples), cv2.COLOR_RGB2BGR))
     plots_path = out / "parameters.png"
-    parameter_plots(parameter_table(read_metas(paths)), plots_path)
+    parameter_plots(parameter_table(metas), plots_path)
     return [sheet_path, plots_path]

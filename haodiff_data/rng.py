@@ -17,6 +17,11 @@ def sample_rng(seed: int, sample_index: int, stream: int) -> np.random.Generator
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(sample_index, stream)))
 
 
+# JSON numbers above 2**53 lose precision in JavaScript and other double-based readers: every
+# seed in a sample's JSON stays below it.
+JSON_SAFE_SEEDS = 2**53
+
+
 def child_seed(rng: np.random.Generator) -> int:
-    """A 63-bit seed drawn from ``rng``, recorded in JSON so a sub-step can be replayed alone."""
-    return int(rng.integers(0, 2**63 - 1))
+    """A seed in [0, 2**53) drawn from ``rng``, recorded in JSON so a sub-step can be replayed alone."""
+    return int(rng.integers(0, JSON_SAFE_SEEDS))

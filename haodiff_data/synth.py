@@ -94,7 +94,8 @@ def make_tasks(sources: list[Source], cfg: SynthConfig) -> list[Task]:
 
 def run_identity(cfg: SynthConfig, sources: list[Source]) -> dict[str, Any]:
     """What must match for ``--resume`` to continue a run rather than mix two."""
-    listing = hashlib.sha256("\n".join(s.id for s in sources).encode()).hexdigest()
+    # surrogateescape: file names are bytes, not always UTF-8.
+    listing = hashlib.sha256("\n".join(s.id for s in sources).encode("utf-8", "surrogateescape")).hexdigest()
     return {
         "seed": cfg.seed,
         "recipe_sha256": cfg.recipe.sha256(),
@@ -203,6 +204,7 @@ def _process_task(task: Task) -> TaskResult:
             parts_list = seg.segment(hqs)
     source_meta = {
         "path": task.source.path,
+        "resolved": task.source.resolved,
         "member": task.source.member,
         "sha256": sha256(data),
         "size": [rgb.shape[1], rgb.shape[0]],
@@ -320,8 +322,10 @@ def drive(results: Iterator[TaskResult], sink: writer.ShardSink, first_task: int
     return made, timings
 
 
-def open_sink(out: Path, prefix: str, node_rank: int, identity: dict, resume: bool, samples_per_shard: int) -> writer.ShardSink:
-    """The node's shard sink, continuing a committed state under ``resume``."""
+def open_sink(out: Path, prefix: str, node_rank: int, identity: dict, resume: bool, samples_per_shard: int,
+              listing_rejects: list[dict] | None = None) -> writer.ShardSink:
+    """The node's shard sink, continuing a committed state under ``resume``; a new state starts
+    with ``listing_rejects`` (inputs that never became sources)."""
     out.mkdir(parents=True, exist_ok=True)
     state = writer.load_state(out, prefix, node_rank)
     if state is not None and not resume:
@@ -330,7 +334,7 @@ def open_sink(out: Path, prefix: str, node_rank: int, identity: dict, resume: bo
         changed = sorted(k for k in identity if state.config.get(k) != identity[k])
         raise RunError(f"--resume: the run in {out} used different settings ({', '.join(changed)})")
     if state is None:
-        state = writer.NodeState(config=identity)
+        state = writer.NodeState(config=identity, rejects=list(listing_rejects or []))
     writer.clean_uncommitted(out, prefix, node_rank, state.next_shard)
     return writer.ShardSink(out, prefix, node_rank, samples_per_shard, state)
 
@@ -341,10 +345,11 @@ class RunError(RuntimeError):
 
 def synth(cfg: SynthConfig) -> dict[str, Any]:
     """Run (or resume) one node's share; returns the summary that is also written as JSON."""
-    sources = list_sources(cfg.inputs)
+    sources, listing_rejects = list_sources(cfg.inputs)
     tasks = make_tasks(sources, cfg)
+    # Inputs that never became sources are recorded by node 0 only: each is listed once.
     sink = open_sink(cfg.out, cfg.prefix, cfg.node_rank, run_identity(cfg, sources), cfg.resume,
-                     cfg.recipe.shards.samples_per_shard)
+                     cfg.recipe.shards.samples_per_shard, listing_rejects if cfg.node_rank == 0 else [])
     first = sink.state.next_task
     todo = tasks[first:]
     t0 = time.perf_counter()
@@ -389,6 +394,14 @@ def parameter_table(metas: list[dict[str, Any]]) -> dict[str, list]:
     return table
 
 
+def repeated_crops(metas: list[dict[str, Any]]) -> int:
+    """Samples whose HQ is the same crop of the same source as an earlier sample: a source at the
+    crop size leaves no room to move, so its K samples share one HQ (and differ in degradation)."""
+    crops = Counter(json.dumps([m["source"]["sha256"], m["source"].get("working_size"), m["source"]["crop"]["box"]])
+                    for m in metas)
+    return sum(n - 1 for n in crops.values())
+
+
 def summarize_table(table: dict[str, list]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, values in table.items():
@@ -424,6 +437,7 @@ def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeStat
         "samples_rejected": sum(len(r["samples"]) for r in state.rejects),
         "sources_rejected": len({r["source"] for r in state.rejects}),
         "rejects_by_reason": dict(Counter(r["reason"].split(":")[0] for r in state.rejects)),
+        "samples_repeating_a_crop": repeated_crops(metas),
         "this_invocation": {
             "samples": made_now,
             "wall_s": round(wall, 3),
@@ -442,12 +456,15 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def print_summary(summary: dict[str, Any], out: Path, file=sys.stderr) -> None:
+def print_summary(summary: dict[str, Any], out: Path, file=None, command: str = "synth") -> None:
     inv = summary["this_invocation"]
     print(
-        f"haodiff-data synth: {summary['samples_written']} samples in {len(summary['shards'])} shard(s) "
+        f"haodiff-data {command}: {summary['samples_written']} samples in {len(summary['shards'])} shard(s) "
         f"in {out}, {summary['samples_rejected']} rejected ({summary['sources_rejected']} sources); "
         f"this run {inv['samples']} samples in {inv['wall_s']} s ({inv['samples_per_s']} samples/s, "
         f"{summary['workers']} workers)",
-        file=file,
+        file=file or sys.stderr,
     )
+    if summary.get("samples_repeating_a_crop"):
+        print(f"  note: {summary['samples_repeating_a_crop']} samples repeat the HQ crop of an earlier sample of the "
+              "same source (sources at the crop size); they differ only in degradation", file=file or sys.stderr)

@@ -13,7 +13,9 @@ from haodiff_data.degrade.generic import (
     apply_order,
     draw_final,
     draw_order,
+    area_resize,
     jpeg,
+    resize,
     tune_malloc,
 )
 from haodiff_data.degrade.noise import add_noise, draw_noise, gaussian_field
@@ -276,3 +278,23 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_tune_malloc_applies_on_glibc():
     assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("src,dst", [
+    ((512, 512), (128, 128)),  # integer shrink: OpenCV's path
+    ((128, 128), (512, 512)),  # integer enlargement: OpenCV's path
+    ((512, 512), (77, 300)),
+    ((300, 217), (341, 129)),  # enlarge one axis, shrink the other
+    ((128, 128), (153, 153)),  # Real-ESRGAN's second-order "up" at 128 * 1.2
+    ((512, 512), (512, 1024)),
+    ((512, 512), (700, 650)),  # enlarging by a non-integer factor
+])
+def test_area_resize_is_torch_adaptive_average_pooling(src, dst):
+    import torch
+
+    img = np.random.default_rng(0).random((*src, 3), dtype=np.float32)
+    ours = resize(img, list(dst), "area")
+    ref = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=dst, mode="area")
+    assert ours.shape == (*dst, 3) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_allclose(ours, ref[0].permute(1, 2, 0).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(area_resize(img, dst), ours)

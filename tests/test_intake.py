@@ -1,5 +1,7 @@
 import io
+import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,15 +109,15 @@ def test_sources_from_folders_lists_globs_and_tars(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = 1
             tar.addfile(info, io.BytesIO(name[1].encode()))
-    folder = [s.path for s in list_sources([str(tmp_path / "a")])]
+    folder = [s.path for s in list_sources([str(tmp_path / "a")]).sources]
     assert folder == [str(tmp_path / "a/1.jpg"), str(tmp_path / "a/b/2.PNG")]
-    assert [s.path for s in list_sources([str(lst)])] == [str(tmp_path / "c.webp"), str(tmp_path / "a/1.jpg")]
-    assert [s.path for s in list_sources([str(tmp_path / "*.webp")])] == [str(tmp_path / "c.webp")]
-    in_tar = list_sources([str(tar_path)])
+    assert [s.path for s in list_sources([str(lst)]).sources] == [str(tmp_path / "c.webp"), str(tmp_path / "a/1.jpg")]
+    assert [s.path for s in list_sources([str(tmp_path / "*.webp")]).sources] == [str(tmp_path / "c.webp")]
+    in_tar = list_sources([str(tar_path)]).sources
     assert [s.member for s in in_tar] == ["k1.png", "k2.jpg"]
     assert [s.read_bytes() for s in in_tar] == [b"1", b"2"]
     # Duplicates across inputs are kept once.
-    assert len(list_sources([str(tmp_path / "a"), str(lst)])) == 3
+    assert len(list_sources([str(tmp_path / "a"), str(lst)]).sources) == 3
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         list_sources([str(tmp_path / "nothing-here")])
 
@@ -139,3 +141,53 @@ def test_person_crop_keeps_person_centre_in_middle_half():
         assert x0 + 128 <= 950 <= x0 + 384
     assert plan_crop((720, 1280), cfg, rng, None)["mode"] == "random"
     assert plan_crop((720, 1280), CropConfig(mode="center"), rng)["box"] == [384, 104, 896, 616]
+
+
+def test_hostile_names_links_and_loops_become_sources_or_rejects(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "locked").mkdir()
+    odd = os.fsdecode(b"x\xff.jpg")  # not UTF-8: carried as a surrogate escape
+    (d / odd).write_bytes(b"x")
+    (d / "sub" / "a.jpg").write_bytes(b"x")
+    os.symlink("/nonexistent/file.jpg", d / "dangling.jpg")
+    os.symlink("self.jpg", d / "self.jpg")
+    os.symlink("..", d / "sub" / "up")  # a folder loop
+    os.symlink("sub/a.jpg", d / "alias.jpg")  # the same file twice
+    real_scandir = os.scandir
+
+    def scandir(path):  # tests may run as root, where chmod 000 does not stop reading
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listing = list_sources([str(d)])
+    # alias.jpg comes first in sorted order; sub/a.jpg is the same file.
+    assert [s.path for s in listing.sources] == [str(d / "alias.jpg"), str(d / odd)]
+    assert [s.resolved for s in listing.sources] == [os.path.realpath(d / "sub/a.jpg"), os.path.realpath(d / odd)]
+    reasons = {Path(r["source"]).name: r["reason"] for r in listing.rejects}
+    assert reasons == {
+        "dangling.jpg": "dangling symlink (points to /nonexistent/file.jpg)",
+        "self.jpg": "symlink loop",
+        "up": f"symlink loop (folder {os.path.realpath(d)} is already being listed)",
+        "locked": "unreadable folder: Permission denied",
+    }
+    assert all(r["samples"] == [] for r in listing.rejects)
+    # Named directly or through a glob, a dangling link is a reject, not an endless recursion.
+    for spec in (str(d / "dangling.jpg"), str(d / "dang*.jpg")):
+        named = list_sources([spec])
+        assert named.sources == [] and named.rejects[0]["reason"].startswith("dangling symlink")
+
+
+def test_one_file_reached_several_ways_is_one_source(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.symlink("a.jpg", tmp_path / "link.jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.jpg\nlist.txt\nmissing.jpg\n")  # a list naming itself is not read again
+    monkeypatch.chdir(tmp_path)
+    listing = list_sources(["a.jpg", str(tmp_path / "a.jpg"), "link.jpg", "list.txt"])
+    # The list itself, named inside it, is taken as an image (rejected when decoded), not re-read.
+    assert [(s.path, s.resolved) for s in listing.sources] == [
+        ("a.jpg", str(tmp_path / "a.jpg")), ("list.txt", str(tmp_path / "list.txt"))]
+    assert listing.rejects == [{"source": "missing.jpg", "reason": "not found", "samples": []}]

@@ -77,3 +77,41 @@ def test_cross_field_checks(tmp_path):
 def test_missing_recipe_names_path():
     with pytest.raises(RecipeError, match="not found"):
         load_recipe("no-such-recipe")
+
+
+@pytest.mark.parametrize("yaml_text,key,expected", [
+    ("first_order:\n  p_hmb: 1.5\n", "first_order.p_hmb", "a probability in [0, 1]"),
+    ("generic:\n  first:\n    blur_prob: -0.1\n", "generic.first.blur_prob", "a probability in [0, 1]"),
+    ("generic:\n  final:\n    sinc_prob: 2\n", "generic.final.sinc_prob", "a probability in [0, 1]"),
+    ("hmb:\n  group_weights: [1, -1, 1, 1, 1, 1]\n", "hmb.group_weights", "weights >= 0"),
+    ("generic:\n  second:\n    blur:\n      kernel_probs: [0.5, -0.5, 0, 0, 0, 1]\n",
+     "generic.second.blur.kernel_probs", "weights >= 0"),
+    ("generic:\n  first:\n    noise:\n      sigma_range: [30, 1]\n", "generic.first.noise.sigma_range", "low <= high"),
+    ("hmb:\n  dilate_range: [31, 9]\n", "hmb.dilate_range", "low <= high"),
+    ("generic:\n  final:\n    jpeg_range: [95, 30]\n", "generic.final.jpeg_range", "low <= high <= 100"),
+    ("generic:\n  first:\n    jpeg_range: [0, 95]\n", "generic.first.jpeg_range", "1 <= low"),
+    ("generic:\n  first:\n    blur:\n      kernel_sizes: [7, 8]\n", "generic.first.blur.kernel_sizes", "odd kernel sizes"),
+    ("generic:\n  final:\n    kernel_sizes: [4]\n", "generic.final.kernel_sizes", "odd kernel sizes"),
+    ("crop:\n  size: 510\n", "crop.size", "a multiple of 8 and of generic.scale"),
+    ("crop:\n  size: 0\n", "crop.size", "at least 64"),
+    ("generic:\n  scale: 3\n", "crop.size", "of generic.scale (3)"),
+    ("generic:\n  first:\n    resize:\n      modes: [area, nearest]\n", "generic.first.resize.modes", "resize modes"),
+    ("shards:\n  samples_per_shard: 0\n", "shards.samples_per_shard", "an integer >= 1"),
+])
+def test_values_the_pipeline_cannot_use_are_named(tmp_path, yaml_text, key, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    assert f"{key}: expected" in str(exc.value) and expected in str(exc.value)
+
+
+def test_a_bad_recipe_stops_synth_before_any_work(tmp_path, capsys):
+    from haodiff_data.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("first_order:\n  p_none: -1\n")
+    out = tmp_path / "out"
+    assert main(["synth", "--recipe", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert "first_order.p_none: expected a probability in [0, 1], got -1.0" in capsys.readouterr().err
+    assert not out.exists()

@@ -124,7 +124,7 @@ def test_degrade_same_seed_is_identical_other_seed_differs(reference_run, tmp_pa
 def test_inspect_writes_contact_sheet_and_plots(reference_run, tmp_path):
     assert main(["inspect", str(reference_run), "--out", str(tmp_path), "--max-samples", "3"]) == 0
     sheet = cv2.imread(str(tmp_path / "contact_sheet.png"))
-    assert sheet.shape[1] == 4 * 192 and sheet.shape[0] == 24 + 3 * 192
+    assert sheet.shape[1] == 4 * 192 and sheet.shape[0] == 24 + 3 * 192  # three samples: one column
     assert (tmp_path / "parameters.png").stat().st_size > 1000
 
 

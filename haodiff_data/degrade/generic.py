@@ -103,7 +103,48 @@ def resize(img: np.ndarray, size: list[int], mode: str) -> np.ndarray:
     h, w = size
     if (h, w) == img.shape[:2]:
         return img
+    if mode == "area":
+        return area_resize(img, (h, w))
     return cv2.resize(img, (w, h), interpolation=RESIZE_MODES[mode])
+
+
+def area_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PyTorch's ``interpolate(mode="area")``, the ``area`` of Real-ESRGAN and OSEDiff: adaptive
+    average pooling, output pixel i of n averaging input pixels floor(i N / n) .. ceil((i+1) N / n) - 1
+    on each axis. OpenCV's INTER_AREA weights partial pixels instead and interpolates when
+    enlarging: sharper whenever the ratio is not an integer. Both agree for integer factors."""
+    h, w = size
+    H, W = img.shape[:2]
+    if (H % h == 0 and W % w == 0) or (h % H == 0 and w % W == 0):
+        return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)  # the fastest exact route
+    if h >= H and w >= W:
+        # Enlarging, a bin holds one or two pixels: their mean is a bilinear sample at the bin's
+        # middle (weights 0 or 1/2, exact in OpenCV's weight table), 3-4x faster than gathering.
+        (sy, ey), (sx, ex) = _bins(H, h), _bins(W, w)
+        map_y = np.repeat(((sy + ey - 1) / 2).astype(np.float32)[:, None], w, axis=1)
+        map_x = np.repeat(((sx + ex - 1) / 2).astype(np.float32)[None, :], h, axis=0)
+        return cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR)
+    rows = np.ascontiguousarray(_average_bins(img, h).transpose(1, 0, 2))
+    return np.ascontiguousarray(_average_bins(rows, w).transpose(1, 0, 2))
+
+
+def _bins(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    i = np.arange(n_out)
+    return i * n_in // n_out, -(-(i + 1) * n_in // n_out)
+
+
+def _average_bins(img: np.ndarray, n_out: int) -> np.ndarray:
+    """Adaptive average pooling along axis 0: one vectorised pass per position within a bin."""
+    if img.shape[0] == n_out:
+        return img
+    start, end = _bins(img.shape[0], n_out)
+    length = end - start
+    out = img[start]
+    for j in range(1, int(length.max())):
+        longer = np.flatnonzero(length > j)
+        out[longer] += img[start[longer] + j]
+    out /= length.astype(np.float32)[:, None, None]
+    return out
 
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:

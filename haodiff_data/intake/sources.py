@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import os
+import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -16,7 +20,11 @@ EMBEDDED_DEFAULT = ("astronaut.png", "bus.jpg", "zidane.jpg")
 
 @dataclass(frozen=True)
 class Source:
-    """One input image: a file, or a member of a tar shard (``member`` set)."""
+    """One input image: a file, or a member of a tar shard (``member`` set).
+
+    ``path`` is the path as given (any bytes: undecodable ones are carried as surrogate escapes,
+    Python's file-system encoding); ``resolved`` the absolute path with links resolved.
+    """
 
     path: str
     member: str | None = None
@@ -24,10 +32,15 @@ class Source:
     # member up by name rescans the archive (quadratic over a large shard).
     offset: int = 0
     size: int = 0
+    resolved: str = ""
 
     @property
     def id(self) -> str:
         return f"{self.path}::{self.member}" if self.member else self.path
+
+    @property
+    def id_resolved(self) -> str:
+        return f"{self.resolved}::{self.member}" if self.member else self.resolved
 
     @property
     def stem(self) -> str:
@@ -62,54 +75,143 @@ def sha256(data: bytes) -> str:
 
 def embedded_sources() -> list[Source]:
     """The bundled photos of people used when ``synth`` gets no inputs."""
-    return [Source(str(ASSETS_DIR / name)) for name in EMBEDDED_DEFAULT]
+    return [Source(str(ASSETS_DIR / name), resolved=str(ASSETS_DIR / name)) for name in EMBEDDED_DEFAULT]
 
 
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _tar_sources(path: Path) -> list[Source]:
-    with tarfile.open(path, "r") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and _is_image_name(m.name)]
-    return [Source(str(path), m.name, m.offset_data, m.size) for m in sorted(members, key=lambda m: m.name)]
+def _reject(given: str, reason: str) -> dict:
+    return {"source": given, "reason": reason, "samples": []}
 
 
-def _file_list(path: Path) -> list[Source]:
-    base = path.parent
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            p = Path(line)
-            out.append(Source(str(p if p.is_absolute() else base / p)))
-    return out
+def _stat_failure(given: str, exc: OSError) -> dict:
+    if exc.errno == errno.ELOOP:
+        return _reject(given, "symlink loop")
+    if exc.errno == errno.ENOENT and os.path.islink(given):
+        return _reject(given, f"dangling symlink (points to {os.readlink(given)})")
+    if exc.errno == errno.ENOENT:
+        return _reject(given, "not found")
+    return _reject(given, f"unreadable: {exc.strerror or exc}")
 
 
-def list_sources(inputs: Sequence[str]) -> list[Source]:
-    """Expand inputs in order; duplicates are kept once (first occurrence).
+class Listing(NamedTuple):
+    """The sources found, in order, and the inputs that cannot be sources (each with a reason)."""
 
-    A folder contributes its image files recursively (sorted); a ``.tar`` its image members; a
-    ``.txt``/``.lst`` file one path per line (relative to the list); a glob its matches; any
-    other file is taken as an image, so a bad file named explicitly is rejected, not skipped.
+    sources: list[Source]
+    rejects: list[dict]
+
+
+class _Lister:
+    def __init__(self) -> None:
+        self.sources: list[Source] = []
+        self.rejects: list[dict] = []
+        self._seen: set[str] = set()
+
+    def add(self, source: Source) -> None:
+        # One source per file however it was reached (relative and absolute path, links).
+        if source.id_resolved not in self._seen:
+            self._seen.add(source.id_resolved)
+            self.sources.append(source)
+
+    def entry(self, given: str, named: bool, lists: bool = True) -> None:
+        """A path named by the user (``named``) or found in a folder; ``lists``: a ``.txt`` or
+        ``.lst`` is a file list (not inside a list, so a list naming itself cannot loop)."""
+        try:
+            st = os.stat(given)
+        except OSError as exc:
+            if named or _is_image_name(given):
+                self.rejects.append(_stat_failure(given, exc))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.folder(given, os.path.realpath(given), ())
+        elif not stat.S_ISREG(st.st_mode):
+            if named or _is_image_name(given):
+                self.rejects.append(_reject(given, "not a regular file"))
+        elif given.lower().endswith(".tar"):
+            self.tar(given)
+        elif named and lists and given.lower().endswith((".txt", ".lst")):
+            self.file_list(given)
+        elif named or _is_image_name(given):
+            # A file named explicitly is taken as an image: a bad one is rejected, not skipped.
+            self.add(Source(given, resolved=os.path.realpath(given)))
+
+    def folder(self, given: str, real: str, ancestors: tuple[str, ...]) -> None:
+        if real in ancestors:
+            self.rejects.append(_reject(given, f"symlink loop (folder {real} is already being listed)"))
+            return
+        try:
+            with os.scandir(given) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.rejects.append(_reject(given, f"unreadable folder: {exc.strerror or exc}"))
+            return
+        ancestors = (*ancestors, real)
+        for e in entries:
+            path = os.path.join(given, e.name)
+            try:
+                is_link = e.is_symlink()
+                is_dir = e.is_dir()
+                is_file = e.is_file()
+            except OSError as exc:
+                self.rejects.append(_stat_failure(path, exc))
+                continue
+            if is_dir:
+                self.folder(path, os.path.realpath(path) if is_link else os.path.join(real, e.name), ancestors)
+            elif is_file and _is_image_name(e.name):
+                resolved = os.path.realpath(path) if is_link else os.path.join(real, e.name)
+                self.add(Source(path, resolved=resolved))
+            elif is_link and _is_image_name(e.name):
+                self.entry(path, named=False)  # a link to nothing (or to itself): say which
+
+    def tar(self, given: str) -> None:
+        try:
+            with tarfile.open(given, "r") as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and _is_image_name(m.name)]
+        except (OSError, tarfile.TarError) as exc:
+            self.rejects.append(_reject(given, f"unreadable tar: {exc}"))
+            return
+        resolved = os.path.realpath(given)
+        for m in sorted(members, key=lambda m: m.name):
+            self.add(Source(given, m.name, m.offset_data, m.size, resolved))
+
+    def file_list(self, given: str) -> None:
+        try:
+            data = Path(given).read_bytes()
+        except OSError as exc:
+            self.rejects.append(_reject(given, f"unreadable file list: {exc.strerror or exc}"))
+            return
+        base = os.path.dirname(given)
+        for raw in data.splitlines():
+            line = os.fsdecode(raw.strip())
+            if line and not line.startswith("#"):
+                self.entry(line if os.path.isabs(line) else os.path.join(base, line), named=True, lists=False)
+
+
+def list_sources(inputs: Sequence[str]) -> Listing:
+    """Expand inputs in order; the same file reached twice is one source (its first occurrence).
+
+    A folder contributes its image files recursively (sorted, folder links followed); a ``.tar``
+    its image members; a ``.txt``/``.lst`` file one path per line (relative to the list); a glob
+    its matches; any other file is taken as an image. Dangling links, link loops and unreadable
+    folders or lists become rejects with a reason. A named input that does not exist (no file,
+    folder or glob match) raises ``FileNotFoundError``: that is a typo, not a bad input.
     """
-    found: list[Source] = []
+    lister = _Lister()
     for spec in inputs:
-        p = Path(spec)
-        if p.is_dir():
-            found.extend(Source(str(f)) for f in sorted(p.rglob("*")) if f.is_file() and _is_image_name(f.name))
-        elif p.is_file() and p.suffix.lower() == ".tar":
-            found.extend(_tar_sources(p))
-        elif p.is_file() and p.suffix.lower() in (".txt", ".lst"):
-            found.extend(_file_list(p))
-        elif p.is_file():
-            found.append(Source(str(p)))
-        else:
+        if os.path.lexists(spec):
+            lister.entry(spec, named=True)
+        elif glob.has_magic(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
-                raise FileNotFoundError(f"input not found (no file, folder or glob match): {spec}")
-            found.extend(list_sources(matches))
-    unique: dict[str, Source] = {}
-    for s in found:
-        unique.setdefault(s.id, s)
-    return list(unique.values())
+                raise FileNotFoundError(f"input not found (no glob match): {spec}")
+            for match in matches:
+                lister.entry(match, named=True)
+        else:
+            raise FileNotFoundError(f"input not found (no file, folder or glob match): {spec}")
+    # An input reached twice is rejected once.
+    unique: dict[str, dict] = {}
+    for r in lister.rejects:
+        unique.setdefault(os.path.abspath(r["source"]), r)
+    return Listing(lister.sources, list(unique.values()))

@@ -10,6 +10,10 @@ from pathlib import Path
 from haodiff_data.shards.schema import Sample, decode_sample
 
 
+class SampleNotFoundError(LookupError):
+    """No sample with the requested key in the given shards."""
+
+
 def expand_shards(specs: Sequence[str]) -> list[Path]:
     """Shard paths from files, folders (their ``*.tar``) and globs, sorted, de-duplicated."""
     paths: list[Path] = []
@@ -61,4 +65,4 @@ def find_sample(shards: Sequence[str | Path], key: str) -> tuple[Path, Sample]:
         for members in iter_members(path):
             if members["__key__"] == key:
                 return path, decode_sample(members, where=f"{path}:{key}")
-    raise KeyError(f"sample {key!r} not found in the given shards")
+    raise SampleNotFoundError(f"sample {key!r} not found in the given shards")

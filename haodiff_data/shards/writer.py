@@ -17,7 +17,7 @@ from typing import Any
 
 import webdataset as wds
 
-from haodiff_data.atomic import atomic_write_bytes, fsync_dir
+from haodiff_data.atomic import atomic_write_bytes, fsync_dir, write_failed
 
 # Fixed tar metadata: the same samples always give the same shard bytes.
 _TAR_META = dict(user="haodiff", group="haodiff", mode=0o444, mtime=0)
@@ -62,10 +62,13 @@ class ShardSink:
         return self.out_dir / f".{shard_name(self.prefix, self.node_rank, self.state.next_shard)}.tmp"
 
     def add(self, sample: dict[str, Any]) -> None:
-        if self._tar is None:
-            self._file = open(self._tmp_path(), "wb")
-            self._tar = wds.TarWriter(self._file, encoder=False, **_TAR_META)
-        self._tar.write(sample)
+        try:
+            if self._tar is None:
+                self._file = open(self._tmp_path(), "wb")
+                self._tar = wds.TarWriter(self._file, encoder=False, **_TAR_META)
+            self._tar.write(sample)
+        except OSError as exc:
+            raise write_failed(self._tmp_path(), exc) from exc
         self._count += 1
 
     def reject(self, record: dict[str, Any]) -> None:
@@ -79,13 +82,16 @@ class ShardSink:
 
     def _commit_shard(self) -> None:
         assert self._tar is not None and self._file is not None
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         final = self.out_dir / shard_name(self.prefix, self.node_rank, self.state.next_shard)
-        os.replace(self._tmp_path(), final)
-        fsync_dir(self.out_dir)
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp_path(), final)
+            fsync_dir(self.out_dir)
+        except OSError as exc:
+            raise write_failed(final, exc) from exc
         self.shards_written.append(final)
         self.state.next_shard += 1
         self.state.written += self._count
@@ -108,7 +114,13 @@ class ShardSink:
     def abort(self) -> None:
         """Drop the open temporary shard (its tasks are redone on resume)."""
         if self._file is not None:
-            self._file.close()
+            # Closing flushes, which fails again on a full disk; the file is deleted anyway, and a
+            # closed tar stream does not retry the write when it is garbage-collected.
+            for close in (self._tar.close, self._file.close):
+                try:
+                    close()
+                except (OSError, ValueError):
+                    pass
             self._tmp_path().unlink(missing_ok=True)
         self._tar, self._file = None, None
 
