@@ -105,7 +105,9 @@ def _load_recipe(args: argparse.Namespace):
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from haodiff_data.intake.sources import embedded_sources
-    from haodiff_data.synth import RunError, SynthConfig, print_summary, synth
+    from haodiff_data.report import print_summary
+    from haodiff_data.run import RunError
+    from haodiff_data.synth import SynthConfig, synth
 
     # Under torchrun/accelerate every process is a "node" of the partition, on its own GPU.
     num_nodes = args.num_nodes if args.num_nodes is not None else int(os.environ.get("WORLD_SIZE", 1))
@@ -135,14 +137,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_degrade(args: argparse.Namespace) -> int:
     from haodiff_data.redegrade import DegradeConfig, redegrade
-    from haodiff_data.synth import print_summary
+    from haodiff_data.report import print_summary
 
     cfg = DegradeConfig(
         shards=args.shards, out=args.out, recipe=_load_recipe(args), seed=args.seed, workers=args.workers,
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
     summary = redegrade(cfg)
-    print_summary(summary, args.out)
+    print_summary(summary, args.out, command="degrade")
     return EXIT_OK
 
 
@@ -175,7 +177,7 @@ COMMANDS = {"synth": cmd_synth, "degrade": cmd_degrade, "replay": cmd_replay, "i
 
 def main(argv: list[str] | None = None) -> int:
     from haodiff_data.recipe import RecipeError
-    from haodiff_data.synth import RunError
+    from haodiff_data.run import RunError
 
     args = build_parser().parse_args(argv)
     try:

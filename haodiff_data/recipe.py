@@ -45,6 +45,8 @@ class FirstOrderConfig:
     p_hmb: float = 1 / 3
     p_generic: float = 1 / 3
     require_person: bool = False
+    p_hmb_over: str = "person"  # person: p_hmb among samples with a person | all: share of all samples
+    person_share: float = 1.0  # with p_hmb_over all: the expected share of samples with a person
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,10 @@ def validate(recipe: Recipe) -> Recipe:
     fo = recipe.first_order
     if min(fo.p_none, fo.p_hmb, fo.p_generic) < 0 or fo.p_none + fo.p_hmb + fo.p_generic <= 0:
         raise RecipeError("first_order: probabilities must be >= 0 and not all zero")
+    if fo.p_hmb_over not in ("person", "all"):
+        raise RecipeError(f"first_order.p_hmb_over: expected person or all, got {fo.p_hmb_over!r}")
+    if not 0 < fo.person_share <= 1:
+        raise RecipeError(f"first_order.person_share: expected a value in (0, 1], got {fo.person_share}")
     if recipe.crop.mode not in ("person", "random", "center"):
         raise RecipeError(f"crop.mode: expected person, random or center, got {recipe.crop.mode!r}")
     unknown = [g for g in recipe.hmb.groups if g not in GROUPS]

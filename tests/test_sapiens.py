@@ -75,7 +75,7 @@ def test_padded_size_is_three_by_four_portrait():
 def test_square_crop_is_padded_then_cropped_back(tiny_torchscript):
     seg = make_segmenter("sapiens", checkpoint=tiny_torchscript)
     assert seg.name == "sapiens" and seg.model_id == "tiny_seg_torchscript.pt2" and not seg.per_source
-    labels = seg.segment([_half_white(512, 512)])[0]
+    labels = seg.segment([_half_white(512, 512)])[0].parts
     assert labels.shape == (512, 512) and labels.dtype == np.uint8
     expected = _expected(512, 512)
     # Padding 512 -> 683 rows puts the model's quarter line at row 170.75 - 85 = 85.75; a stretched
@@ -88,10 +88,10 @@ def test_square_crop_is_padded_then_cropped_back(tiny_torchscript):
 def test_batches_equal_single_images_for_mixed_sizes(tiny_torchscript):
     seg = make_segmenter("sapiens", checkpoint=tiny_torchscript, batch_size=2)
     images = [_half_white(512, 512), _half_white(300, 800), _half_white(1000, 300)]
-    batched = seg.segment(images)
+    batched = [s.parts for s in seg.segment(images)]
     for image, labels in zip(images, batched):
         assert labels.shape == image.shape[:2]
-        assert np.array_equal(labels, seg.segment([image])[0])
+        assert np.array_equal(labels, seg.segment([image])[0].parts)
         _check(labels, _expected(*image.shape[:2]))
 
 
@@ -102,7 +102,7 @@ def test_exported_program_with_static_batch(tmp_path):
     seg = make_segmenter("sapiens", checkpoint=str(path), batch_size=4)
     assert seg.static_batch == 1
     images = [_half_white(512, 512), _half_white(512, 512)]
-    for labels in seg.segment(images):
+    for labels in (s.parts for s in seg.segment(images)):
         _check(labels, _expected(512, 512))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from haodiff_data.segment import check_rgb
+from haodiff_data.segment import Segmentation, check_rgb, instances_from_parts
 from haodiff_data.segment.goliath import NUM_CLASSES
 
 INPUT_HW = (1024, 768)  # fixed by the export; the maintainers say not to change it
@@ -127,7 +127,7 @@ class SapiensSegmenter:
             )
         return logits[:n].float()
 
-    def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def segment(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
         import torch
         import torch.nn.functional as F
 
@@ -146,7 +146,8 @@ class SapiensSegmenter:
                 up = F.interpolate(logit[None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
                 crop = up[:, top : top + height, left : left + width]
                 out.append(crop.argmax(dim=0).to(torch.uint8).cpu().numpy())
-        return out
+        # Sapiens labels parts, not people: instances are its connected regions.
+        return [Segmentation(parts, instances_from_parts(parts)) for parts in out]
 
     def close(self) -> None:
         self.model = None
