@@ -111,6 +111,7 @@ def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int) -> dict[st
         "wall_s": inv["wall_s"],
         "samples_per_s": inv["samples_per_s"],
         "peak_worker_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "worker_cpu_ms_per_sample": inv["cpu_ms_per_sample"],
         "stage_ms_per_sample_in_run": inv["stage_ms_per_sample"],
     }
 
@@ -135,6 +136,7 @@ def format_table(result: dict[str, Any]) -> str:
     if e2e:
         lines.append(
             f"end to end: {e2e['samples']} samples with {e2e['workers']} workers in {e2e['wall_s']} s = "
-            f"{e2e['samples_per_s']} samples/s; peak worker RSS {e2e['peak_worker_rss_mib']} MiB"
+            f"{e2e['samples_per_s']} samples/s; peak worker RSS {e2e['peak_worker_rss_mib']} MiB; "
+            f"worker CPU {e2e['worker_cpu_ms_per_sample']} ms per sample"
         )
     return "\n".join(lines)

@@ -30,6 +30,7 @@ class TaskResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    cpu_s: float = 0.0  # CPU time the worker spent on the task (all its threads)
 
 
 class Timer:
@@ -65,7 +66,14 @@ def _start_worker(factory: Callable[[], Worker]) -> None:
 
 def _run_task(task: Any) -> TaskResult:
     assert _worker is not None, "pool worker used before its initializer ran"
-    return _worker(task)
+    return _timed(_worker, task)
+
+
+def _timed(worker: Worker, task: Any) -> TaskResult:
+    t0 = time.process_time()
+    result = worker(task)
+    result.cpu_s = time.process_time() - t0
+    return result
 
 
 def ordered_map(factory: Callable[[], Worker], tasks: Iterable, workers: int,
@@ -76,7 +84,7 @@ def ordered_map(factory: Callable[[], Worker], tasks: Iterable, workers: int,
     if workers <= 1:
         worker = factory()
         for task in tasks:
-            yield worker(task)
+            yield _timed(worker, task)
         return
     # forkserver, not fork: a worker must not inherit model runtimes or threads from the parent.
     ctx = mp.get_context("forkserver")
@@ -88,7 +96,8 @@ def ordered_map(factory: Callable[[], Worker], tasks: Iterable, workers: int,
 
 def drive(results: Iterator[TaskResult], sink: writer.ShardSink, first_task: int, n_tasks: int,
           total: int, progress: bool) -> tuple[int, Counter]:
-    """Write task results in order, committing shards; returns (samples made, stage seconds)."""
+    """Write task results in order, committing shards; returns (samples made, stage seconds). The
+    workers' CPU seconds are counted under ``"cpu"``."""
     timings: Counter[str] = Counter()
     made = 0
     bar = tqdm(total=total or None, unit="sample", disable=not progress, dynamic_ncols=True)
@@ -99,6 +108,7 @@ def drive(results: Iterator[TaskResult], sink: writer.ShardSink, first_task: int
             for record in result.rejects:
                 sink.reject(record)
             timings.update(result.timings)
+            timings["cpu"] += result.cpu_s
             made += len(result.samples)
             bar.update(len(result.samples) + sum(len(r["samples"]) for r in result.rejects))
             sink.task_done(n)

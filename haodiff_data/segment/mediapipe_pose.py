@@ -34,6 +34,9 @@ MIN_VISIBILITY = 0.25
 # Labels are derived on a grid this many times coarser, then upsampled and cut by the
 # full-resolution mask: the silhouette stays exact, only part boundaries are quantised.
 GRID_STEP = 2
+# At most this many grid cells across a person (a 512 px close-up gets a 4 px grid): the cost of
+# the part model stays bounded, and the mask still cuts the silhouette at full resolution.
+MAX_GRID = 128
 # Person-mask pixels further than this (times the body scale) from every part are dropped:
 # they are mask bleed onto a neighbour or the background, not this person.
 MAX_GAP = 0.3
@@ -153,10 +156,11 @@ class BodyField:
     dist: np.ndarray  # float32, signed distance to that part / body scale; inf off the person
 
 
-def body_field(landmarks: np.ndarray, mask: np.ndarray, grid_step: int = GRID_STEP) -> BodyField | None:
+def body_field(landmarks: np.ndarray, mask: np.ndarray, grid_step: int | None = None) -> BodyField | None:
     """The part model of one person over the pixels of its mask, or None when the pose gives no
     body scale or the mask is empty. ``landmarks``: (33, 3) x, y in pixels and visibility;
-    ``mask``: HxW person probability."""
+    ``mask``: HxW person probability. ``grid_step`` defaults to GRID_STEP, coarser for people
+    larger than MAX_GRID cells."""
     height, width = mask.shape
     fg = mask > MASK_THRESHOLD
     pose = _Pose.build(np.asarray(landmarks, np.float64), height, width)
@@ -166,6 +170,9 @@ def body_field(landmarks: np.ndarray, mask: np.ndarray, grid_step: int = GRID_ST
 
     # Work on the grid cells covering the mask's bounding box only.
     rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    if grid_step is None:
+        extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+        grid_step = max(GRID_STEP, math.ceil(extent / MAX_GRID))
     r0, c0 = rows[0] // grid_step, cols[0] // grid_step
     gh, gw = rows[-1] // grid_step + 1 - r0, cols[-1] // grid_step + 1 - c0
     offset = (grid_step - 1) / 2
@@ -243,7 +250,7 @@ def label_people(fields: Sequence[BodyField | None], shape: tuple[int, int]) -> 
     return parts, persons
 
 
-def part_labels(landmarks: np.ndarray, mask: np.ndarray, grid_step: int = GRID_STEP) -> np.ndarray:
+def part_labels(landmarks: np.ndarray, mask: np.ndarray, grid_step: int | None = None) -> np.ndarray:
     """Goliath ids for one person given MediaPipe landmarks and mask.
 
     ``landmarks``: (33, 3) array of x, y in pixels and visibility; ``mask``: HxW person
@@ -269,16 +276,10 @@ ROI_SCALE = 1.25  # MediaPipe enlarges the hip-centred person circle by this
 MIN_DETECTION_SCORE = 0.1
 MIN_PRESENCE = 0.5
 MAX_CANDIDATES = 6
-MAX_LANDMARK_CALLS = 6
-# Non-maximum suppression merges people standing close together, so a second pass searches the
-# image with the people found painted grey. Painted regions invite weak phantom detections, so
-# that pass keeps only confident ones.
-SEARCH_PASSES = 2
-MIN_RESEARCH_SCORE = 0.5
-# A person whose labels fall on pixels already labelled as others by more than this share is one
-# of them found again (e.g. from a candidate beside their face, fitted rotated).
-DUPLICATE_SHARE = 0.5
-HEAD_RADIUS = 0.5  # in body scales (about a shoulder width): a candidate this near a found face is that person
+MAX_LANDMARK_CALLS = 4
+# A new person must be the nearest body model on at least this share of their own pixels;
+# otherwise they are someone already found, fitted again.
+KEEP_SHARE = 0.5
 
 
 def _anchors() -> np.ndarray:
@@ -374,8 +375,8 @@ class PoseModels:
         self.lm_in = self.landmarker.get_input_details()[0]["index"]
         self.lm_points, self.lm_flag, self.lm_mask = lm_out["Identity"], lm_out["Identity_1"], lm_out["Identity_2"]
 
-    def detect(self, image: np.ndarray, min_score: float = MIN_DETECTION_SCORE) -> list[Candidate]:
-        """Person candidates over the whole image (letterboxed to 224x224), best first."""
+    def detect(self, image: np.ndarray) -> list[Candidate]:
+        """Person candidates over the whole image (letterboxed to 224x224), best first, in pixels."""
         height, width = image.shape[:2]
         side = DETECTOR_SIDE
         scale = side / max(height, width)
@@ -388,7 +389,7 @@ class PoseModels:
         self.detector.invoke()
         raw = self.detector.get_tensor(self.det_boxes)[0]
         scores = _sigmoid(self.detector.get_tensor(self.det_scores)[0, :, 0])
-        keep = np.flatnonzero(scores >= min_score)
+        keep = np.flatnonzero(scores >= MIN_DETECTION_SCORE)
         if keep.size == 0:
             return []
         raw, scores, anchors = raw[keep], scores[keep], self.anchors[keep]
@@ -435,48 +436,46 @@ class PoseModels:
         """The part model of every person the detector proposes and the landmark model confirms,
         each person once.
 
-        The detector's non-maximum suppression merges people standing close together, so the
-        search repeats on the image with the people found so far painted grey, until a pass
-        finds nobody new (at most ``SEARCH_PASSES``)."""
+        Candidates are tried best first until ``MAX_LANDMARK_CALLS`` landmark runs are spent."""
         height, width = image.shape[:2]
         found: list[BodyField] = []
-        claimed = np.zeros((height, width), bool)  # pixels labelled as someone already found
+        nearest = np.full((height, width), np.inf, np.float32)  # distance to the nearest found body
         heads: list[tuple[np.ndarray, float]] = []  # centre, radius of each found person's head
-        search = image
         calls = 0
-        for search_pass in range(SEARCH_PASSES):
-            new: list[np.ndarray] = []
-            for candidate in self.detect(search, MIN_DETECTION_SCORE if search_pass == 0 else MIN_RESEARCH_SCORE):
-                if calls == MAX_LANDMARK_CALLS:
-                    break
-                # The detector's box sits near a face; one on a found person's head is that person again.
-                centre = (candidate.box[:2] + candidate.box[2:]) / 2
-                if any(np.hypot(*(centre - c)) < r for c, r in heads):
-                    continue
-                person = self.landmarks(image, candidate)
-                calls += 1
-                if person.presence < MIN_PRESENCE:
-                    continue
-                field_ = body_field(person.landmarks, person.mask)
-                if field_ is None:
-                    continue
-                # A candidate off someone's face can still fit that person (rotated, say); its
-                # labels then land on pixels already claimed.
-                own = field_.ids > 0
-                window = claimed[field_.y0 : field_.y0 + own.shape[0], field_.x0 : field_.x0 + own.shape[1]]
-                if not own.any() or (window & own).sum() > DUPLICATE_SHARE * own.sum():
-                    continue
-                window |= own
-                found.append(field_)
-                new.append(person.mask)
-                pose = _Pose.build(person.landmarks, height, width)
-                heads.append((pose.xy[FACE].mean(axis=0), HEAD_RADIUS * pose.body_scale()))
-            if not new:
+        for candidate in self.detect(image):
+            if calls == MAX_LANDMARK_CALLS:
                 break
-            search = search.copy()
-            for mask in new:
-                search[mask > MASK_THRESHOLD] = 127
+            # The detector's box sits near a face; one on a found person's face or inside one of
+            # their parts is that person again.
+            centre = (candidate.box[:2] + candidate.box[2:]) / 2
+            cx, cy = int(np.clip(centre[0], 0, width - 1)), int(np.clip(centre[1], 0, height - 1))
+            if nearest[cy, cx] <= 0 or any(np.hypot(*(centre - c)) < r for c, r in heads):
+                continue
+            person = self.landmarks(image, candidate)
+            calls += 1
+            if person.presence < MIN_PRESENCE:
+                continue
+            field_ = body_field(person.landmarks, person.mask)
+            if field_ is None:
+                continue
+            # A candidate off someone's face can still fit that person (shifted or rotated); its
+            # body model then lies nearer to few pixels than the bodies already found.
+            own = field_.ids > 0
+            near = nearest[field_.y0 : field_.y0 + own.shape[0], field_.x0 : field_.x0 + own.shape[1]]
+            if not own.any() or (own & (field_.dist < near)).sum() < KEEP_SHARE * own.sum():
+                continue
+            np.minimum(near, field_.dist, out=near)
+            found.append(field_)
+            heads.append(_head(_Pose.build(person.landmarks, height, width)))
         return found
+
+
+def _head(pose: _Pose) -> tuple[np.ndarray, float]:
+    """Centre and radius of a person's face: a detection this near it is that person again.
+    The radius follows the face (half its width), not the body: in a group photo the next face
+    is about one face width away."""
+    eye_mouth = float(np.hypot(*(pose.mid(L_EYE, R_EYE) - pose.mid(MOUTH_L, MOUTH_R))))
+    return pose.xy[FACE].mean(axis=0), 0.5 * max(pose.dist(L_EAR, R_EAR), 2.0 * eye_mouth)
 
 
 _MODELS: dict[int, PoseModels] = {}
