@@ -22,11 +22,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from haodiff_data.synth import default_workers
-
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder for shards (default: shards/)")
-    p.add_argument("--workers", type=int, default=default_workers(),
-                   help="worker processes (default: all cores); output bytes do not depend on it")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: all cores, fewer where the segmenter's memory would not "
+                        "fit, at most 4 per GPU); output bytes do not depend on it")
     p.add_argument("--prefix", default="haodiff", help="shard file prefix: PREFIX-rNODE-SHARD.tar (default: haodiff)")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help="samples per shard file; a shard closes at the first source-image boundary past it "
@@ -107,7 +106,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from haodiff_data.intake.sources import embedded_sources
     from haodiff_data.report import print_summary
     from haodiff_data.run import RunError
-    from haodiff_data.synth import SynthConfig, synth
+    from haodiff_data.synth import SynthConfig, cpu_count, default_workers, synth
 
     # Under torchrun/accelerate every process is a "node" of the partition, on its own GPU.
     num_nodes = args.num_nodes if args.num_nodes is not None else int(os.environ.get("WORLD_SIZE", 1))
@@ -124,9 +123,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise RunError("--segmenter sapiens needs --checkpoint PATH (a Sapiens lite *_torchscript.pt2 or *.pt2)")
     if args.segmenter == "labels" and not args.labels_dir:
         raise RunError("--segmenter labels needs --labels-dir DIR")
+    workers = args.workers or default_workers(args.segmenter, args.checkpoint, device)
     cfg = SynthConfig(
         inputs=inputs, out=args.out, recipe=_load_recipe(args), seed=args.seed, samples_per_image=k,
-        limit=args.limit, workers=args.workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
+        limit=args.limit, workers=workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
+        threads=max(1, cpu_count() // workers),
         device=device, labels_dir=args.labels_dir, num_nodes=num_nodes, node_rank=node_rank,
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
@@ -138,9 +139,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_degrade(args: argparse.Namespace) -> int:
     from haodiff_data.redegrade import DegradeConfig, redegrade
     from haodiff_data.report import print_summary
+    from haodiff_data.synth import default_workers
 
     cfg = DegradeConfig(
-        shards=args.shards, out=args.out, recipe=_load_recipe(args), seed=args.seed, workers=args.workers,
+        shards=args.shards, out=args.out, recipe=_load_recipe(args), seed=args.seed,
+        workers=args.workers or default_workers(),
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
     summary = redegrade(cfg)

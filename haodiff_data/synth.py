@@ -55,6 +55,7 @@ class SynthConfig:
     prefix: str = "haodiff"
     resume: bool = False
     progress: bool = True
+    threads: int = 1  # torch intra-op threads per worker (Sapiens on the CPU)
 
 
 @dataclass
@@ -112,6 +113,11 @@ class SynthWorker:
         # results independent of thread scheduling.
         cv2.setNumThreads(1)
         tune_malloc()
+        if cfg.segmenter == "sapiens":
+            import torch
+
+            # Workers share the cores: each gets its slice instead of all of them.
+            torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self._segmenter = None
 
@@ -255,8 +261,21 @@ def make_sample(
 # ---- main process ----------------------------------------------------------------------------
 
 
+def check_segmenter(cfg: SynthConfig) -> None:
+    """Stop a run that cannot segment before it starts (the model itself loads in the workers;
+    a load failure there ends the run too, see SegmenterError)."""
+    if cfg.segmenter == "sapiens":
+        from haodiff_data.segment.sapiens import check_checkpoint
+
+        try:
+            check_checkpoint(cfg.checkpoint or "", cfg.device)
+        except (OSError, ValueError, ImportError) as exc:
+            raise SegmenterError(str(exc)) from exc
+
+
 def synth(cfg: SynthConfig) -> dict[str, Any]:
     """Run (or resume) one node's share; returns the summary that is also written as JSON."""
+    check_segmenter(cfg)
     sources = list_sources(cfg.inputs)
     tasks = make_tasks(sources, cfg)
     sink = open_sink(cfg.out, cfg.prefix, cfg.node_rank, run_identity(cfg, sources), cfg.resume,
@@ -272,5 +291,39 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
                          time.perf_counter() - t0, made, timings)
 
 
-def default_workers() -> int:
+def cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+# Peak RSS of one worker: MediaPipe measured at 470 MiB (``haodiff-data bench``); Sapiens on the
+# CPU at about 4x its TorchScript file (7.6 GB for the 1.36 GB 0.3B file), plus the pipeline.
+MEDIAPIPE_WORKER_BYTES = 512 * 2**20
+SAPIENS_CPU_FACTOR = 4.5
+# Each worker holds its own model copy; on one GPU a few suffice to keep it busy.
+MAX_WORKERS_PER_GPU = 4
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_workers(segmenter: str = "mediapipe", checkpoint: str | None = None, device: str = "cpu") -> int:
+    """All cores, fewer when one worker per core would not fit in memory (or crowd one GPU)."""
+    cores = cpu_count()
+    if segmenter == "sapiens" and device.startswith("cuda"):
+        return min(cores, MAX_WORKERS_PER_GPU)
+    per_worker = MEDIAPIPE_WORKER_BYTES
+    if segmenter == "sapiens" and checkpoint and os.path.isfile(checkpoint):
+        per_worker = int(SAPIENS_CPU_FACTOR * os.path.getsize(checkpoint)) + MEDIAPIPE_WORKER_BYTES
+    free = available_memory()
+    if free is None:
+        return cores
+    return max(1, min(cores, free // per_worker))

@@ -35,6 +35,32 @@ def is_torchscript(path: str) -> bool:
         return False
 
 
+def check_checkpoint(checkpoint: str, device: str) -> None:
+    """Fail fast, before a run starts, on what can be known without loading the model: a missing
+    file, a file that is no torch archive, a device this machine does not have."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"sapiens checkpoint not found: {checkpoint}")
+    if not zipfile.is_zipfile(checkpoint):
+        raise ValueError(f"sapiens checkpoint {checkpoint}: not a TorchScript or torch.export archive; "
+                         "pass a Sapiens lite *_torchscript.pt2 file")
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError("segmenter 'sapiens' needs torch: pip install 'haodiff[sapiens]'") from exc
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); use --device cpu or a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+
+
 def padded_size(height: int, width: int) -> tuple[int, int]:
     """Smallest 3:4 portrait (H:W = 4:3) size that contains ``height`` x ``width``."""
     num, den = INPUT_HW
@@ -90,7 +116,11 @@ class SapiensSegmenter:
                 # Exported modules are already in inference form (and refuse .eval()).
                 self.model = program.module().to(self.device, self.dtype)
         except Exception as exc:
-            raise ValueError(f"sapiens checkpoint {checkpoint}: cannot load it with torch: {exc}") from exc
+            hint = ("" if is_torchscript(checkpoint) else
+                    "; Sapiens' *_bfloat16.pt2 files are torch.export programs tied to the torch that wrote "
+                    "them (2.3): use the *_torchscript.pt2 file of the same model")
+            raise ValueError(f"sapiens checkpoint {checkpoint}: cannot load it with torch {torch.__version__}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 
