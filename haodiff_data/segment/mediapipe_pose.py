@@ -271,8 +271,8 @@ ROI_SCALE = 1.25  # MediaPipe enlarges the hip-centred person circle by this
 # MediaPipe tracks one person and keeps detections scoring 0.5. People beside another, turned
 # away or blurred score 0.1-0.5 on the hand-counted photos of tests/data/people.yaml; the
 # landmark model's presence flag then confirms or rejects each candidate (~17 ms a call).
-# Measured there (tests/people_recall.py): this setting finds 21 of 32 people with 2.7 landmark
-# calls per image; one search pass finds 20, a 0.2 threshold 17.
+# Measured there (tests/people_recall.py): this setting finds 21 of 32 people with 2.5 landmark
+# calls per image; allowing 6 calls finds 22 with 2.8.
 MIN_DETECTION_SCORE = 0.1
 MIN_PRESENCE = 0.5
 MAX_CANDIDATES = 6
