@@ -59,11 +59,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from haodiff_data.synth import default_workers
-
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder for shards (default: shards/)")
-    p.add_argument("--workers", type=positive_int, default=default_workers(),
-                   help="worker processes (default: all cores); output bytes do not depend on it")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes (default: all cores, fewer where the segmenter's memory would not "
+                        "fit, at most 4 per GPU); output bytes do not depend on it")
     p.add_argument("--prefix", type=shard_prefix, default="haodiff", help="shard file prefix: PREFIX-rNODE-SHARD.tar (default: haodiff)")
     p.add_argument("--samples-per-shard", type=positive_int, default=None,
                    help="samples per shard file; a shard closes at the first source-image boundary past it "
@@ -220,7 +219,7 @@ def _load_recipe(args: argparse.Namespace):
 
 
 def _env_int(name: str, default: int) -> int:
-    from haodiff_data.synth import RunError
+    from haodiff_data.run import RunError
 
     text = os.environ.get(name)
     if text is None:
@@ -232,7 +231,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _check_out(out: Path) -> None:
-    from haodiff_data.synth import RunError
+    from haodiff_data.run import RunError
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
@@ -240,7 +239,9 @@ def _check_out(out: Path) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from haodiff_data.intake.sources import embedded_sources
-    from haodiff_data.synth import RunError, SynthConfig, print_summary, synth
+    from haodiff_data.report import print_summary
+    from haodiff_data.run import RunError
+    from haodiff_data.synth import SynthConfig, cpu_count, default_workers, synth
 
     # Under torchrun/accelerate every process is a "node" of the partition, on its own GPU.
     num_nodes = args.num_nodes if args.num_nodes is not None else _env_int("WORLD_SIZE", 1)
@@ -264,9 +265,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.labels_dir and not os.path.isdir(args.labels_dir):
         raise RunError(f"--labels-dir {args.labels_dir}: folder not found")
     _check_out(args.out)
+    workers = args.workers or default_workers(args.segmenter, args.checkpoint, device)
     cfg = SynthConfig(
         inputs=inputs, out=args.out, recipe=_load_recipe(args), seed=args.seed, samples_per_image=k,
-        limit=args.limit, workers=args.workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
+        limit=args.limit, workers=workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
+        threads=max(1, cpu_count() // workers),
         device=device, labels_dir=args.labels_dir, num_nodes=num_nodes, node_rank=node_rank,
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
@@ -277,11 +280,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_degrade(args: argparse.Namespace) -> int:
     from haodiff_data.redegrade import DegradeConfig, redegrade
-    from haodiff_data.synth import print_summary
+    from haodiff_data.report import print_summary
+    from haodiff_data.synth import default_workers
 
     _check_out(args.out)
     cfg = DegradeConfig(
-        shards=args.shards, out=args.out, recipe=_load_recipe(args), seed=args.seed, workers=args.workers,
+        shards=args.shards, out=args.out, recipe=_load_recipe(args), seed=args.seed,
+        workers=args.workers or default_workers(),
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
     summary = redegrade(cfg)
@@ -415,9 +420,9 @@ COMMANDS = {"synth": cmd_synth, "degrade": cmd_degrade, "replay": cmd_replay, "i
 def main(argv: list[str] | None = None) -> int:
     from haodiff_data.atomic import OutputWriteError
     from haodiff_data.recipe import RecipeError
+    from haodiff_data.run import RunError
     from haodiff_data.shards.reader import SampleNotFoundError
     from haodiff_data.shards.schema import SchemaError
-    from haodiff_data.synth import RunError
 
     # File names are bytes: print the undecodable ones as they are rather than fail on them.
     for stream in (sys.stdout, sys.stderr):

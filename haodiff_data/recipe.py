@@ -45,6 +45,8 @@ class FirstOrderConfig:
     p_hmb: float = 1 / 3
     p_generic: float = 1 / 3
     require_person: bool = False
+    p_hmb_over: str = "person"  # person: p_hmb among samples with a person | all: share of all samples
+    person_share: float = 1.0  # with p_hmb_over all: the expected share of samples with a person
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,11 @@ def validate(recipe: Recipe) -> Recipe:
     _at_least(recipe.intake.min_side, 1, "intake.min_side")
     _at_least(recipe.intake.max_pixels, 1, "intake.max_pixels")
     crop, scale = recipe.crop, recipe.generic.scale
+    fo = recipe.first_order
+    if fo.p_hmb_over not in ("person", "all"):
+        raise RecipeError(f"first_order.p_hmb_over: expected person or all, got {fo.p_hmb_over!r}")
+    if not 0 < fo.person_share <= 1:
+        raise RecipeError(f"first_order.person_share: expected a value in (0, 1], got {fo.person_share}")
     if recipe.crop.mode not in ("person", "random", "center"):
         raise RecipeError(f"crop.mode: expected person, random or center, got {recipe.crop.mode!r}")
     _at_least(scale, 1, "generic.scale")

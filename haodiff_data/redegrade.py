@@ -6,6 +6,7 @@ degradation drawn from (new seed, sample index) with the given recipe.
 
 from __future__ import annotations
 
+import functools
 import tarfile
 import time
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ from typing import Any
 import cv2
 
 from haodiff_data.recipe import Recipe
+from haodiff_data.report import write_summary
+from haodiff_data.run import RunError, TaskResult, Timer, drive, open_sink, ordered_map
+from haodiff_data.segment import Segmentation
 from haodiff_data.shards.reader import expand_shards, iter_members
 from haodiff_data.shards.schema import SchemaError, decode_sample
-from haodiff_data.synth import RunError, TaskResult, _Timer, drive, make_sample, open_sink, ordered_map, write_summary
+from haodiff_data.synth import make_sample
 
 
 @dataclass
@@ -32,40 +36,41 @@ class DegradeConfig:
     progress: bool = True
 
 
-_CFG: dict[str, DegradeConfig] = {}
+class DegradeWorker:
+    """Re-degrades one shard per task, keeping each sample's HQ, part labels and people."""
 
+    def __init__(self, cfg: DegradeConfig) -> None:
+        cv2.setNumThreads(1)
+        self.cfg = cfg
 
-def _init(cfg: DegradeConfig) -> None:
-    cv2.setNumThreads(1)
-    _CFG["cfg"] = cfg
-
-
-def _degrade_shard(path: Path) -> TaskResult:
-    cfg = _CFG["cfg"]
-    result = TaskResult()
-    timer = _Timer(result.timings)
-    members_iter = iter_members(path)
-    while True:
-        try:
-            members = next(members_iter, None)
-        except (OSError, tarfile.TarError) as exc:
-            # A cut or corrupt shard: keep the samples before the damage, record the rest.
-            result.rejects.append({"source": str(path), "reason": f"unreadable shard: {exc}", "samples": []})
-            break
-        if members is None:
-            break
-        where = f"{path}:{members['__key__']}"
-        try:
-            sample = decode_sample(members, where)
-        except (SchemaError, ValueError) as exc:
-            result.rejects.append({"source": where, "reason": f"unreadable sample: {exc}", "samples": [members["__key__"]]})
-            continue
-        meta = sample.meta
-        result.samples.append(make_sample(
-            sample.hq, sample.parts, meta["sample_index"], cfg.seed, cfg.recipe, meta["source"],
-            {"name": meta["segmenter"]["name"], "model_id": meta["segmenter"]["model_id"]}, timer,
-        ))
-    return result
+    def __call__(self, path: Path) -> TaskResult:
+        cfg = self.cfg
+        result = TaskResult()
+        timer = Timer(result.timings)
+        members_iter = iter_members(path)
+        while True:
+            try:
+                members = next(members_iter, None)
+            except (OSError, tarfile.TarError) as exc:
+                # A cut or corrupt shard: keep the samples before the damage, record the rest.
+                result.rejects.append({"source": str(path), "reason": f"unreadable shard: {exc}", "samples": []})
+                break
+            if members is None:
+                break
+            where = f"{path}:{members['__key__']}"
+            try:
+                sample = decode_sample(members, where)
+            except (SchemaError, ValueError) as exc:
+                result.rejects.append({"source": where, "reason": f"unreadable sample: {exc}",
+                                       "samples": [members["__key__"]]})
+                continue
+            meta = sample.meta
+            result.samples.append(make_sample(
+                sample.hq, Segmentation(sample.parts, sample.person_map()), meta["sample_index"], cfg.seed,
+                cfg.recipe, meta["source"], {"name": meta["segmenter"]["name"], "model_id": meta["segmenter"]["model_id"]},
+                timer,
+            ))
+        return result
 
 
 def count_samples(paths: list[Path]) -> int:
@@ -92,7 +97,8 @@ def redegrade(cfg: DegradeConfig) -> dict[str, Any]:
     sink = open_sink(cfg.out, cfg.prefix, 0, identity, cfg.resume, cfg.recipe.shards.samples_per_shard)
     first = sink.state.next_task
     t0 = time.perf_counter()
-    results = ordered_map(_degrade_shard, inputs[first:], cfg.workers, _init, (cfg,))
+    results = ordered_map(functools.partial(DegradeWorker, cfg), inputs[first:], cfg.workers,
+                          preload=("haodiff_data.redegrade",))
     made, timings = drive(results, sink, first, len(inputs), count_samples(inputs[first:]), cfg.progress)
     run_info = {"seed": cfg.seed, "num_nodes": 1, "workers": cfg.workers, "degraded_from": [str(p) for p in inputs]}
     return write_summary(cfg.out, cfg.prefix, 0, sink.state, cfg.recipe, run_info, time.perf_counter() - t0, made, timings)

@@ -14,7 +14,7 @@ from haodiff_data.intake.decode import RejectedInput, decode_image
 from haodiff_data.intake.sources import read_recorded_source, sha256
 from haodiff_data.recipe import RecipeError, load_recipe
 from haodiff_data.rng import DEGRADE_STREAM, sample_rng
-from haodiff_data.segment.goliath import group_masks
+from haodiff_data.segment.goliath import group_masks, people_by_group, person_groups
 from haodiff_data.shards.reader import find_sample
 
 
@@ -57,8 +57,11 @@ def replay(shards: list[str], key: str) -> dict[str, Any]:
 
     params = {k: meta[k] for k in ("first_order", "first_order_note", "hmb", "mask_threshold", "generic_first", "generic_second", "final")}
     part_mask = None
-    if params["hmb"]:
-        part_mask = group_masks(sample.parts, params["hmb"]["min_group_fraction"])[params["hmb"]["group"]]
+    hmb = params["hmb"]
+    if hmb and "person" in hmb:
+        part_mask = person_groups(sample.parts, sample.person_map(), hmb["min_group_fraction"])[hmb["person"]][hmb["group"]]
+    elif hmb:  # shards from before person instances: the group over every labelled pixel
+        part_mask = group_masks(sample.parts, hmb["min_group_fraction"])[hmb["group"]]
     lq, mask = apply_degradation(sample.hq, part_mask, params)
     checks["lq"] = "identical" if np.array_equal(lq, sample.lq) else f"DIFFERENT ({_differing(lq, sample.lq)} px)"
     checks["mask"] = "identical" if np.array_equal(mask, sample.mask) else f"DIFFERENT ({_differing(mask, sample.mask)} px)"
@@ -70,8 +73,14 @@ def replay(shards: list[str], key: str) -> dict[str, Any]:
     if recipe is None or recipe.sha256() != meta["recipe"]["sha256"]:
         checks["params_from_seed"] = f"skipped: recipe {meta['recipe']['name']!r} not found with the recorded hash"
     else:
-        groups = group_masks(sample.parts, recipe.hmb.min_group_fraction)
-        redrawn = draw_degradation(sample_rng(meta["seed"], meta["sample_index"], DEGRADE_STREAM), recipe, sample.hq.shape[:2], list(groups))
+        rng = sample_rng(meta["seed"], meta["sample_index"], DEGRADE_STREAM)
+        if sample.persons is None:
+            groups = group_masks(sample.parts, recipe.hmb.min_group_fraction)
+            redrawn = draw_degradation(rng, recipe, sample.hq.shape[:2], list(groups))
+        else:
+            people = person_groups(sample.parts, sample.persons, recipe.hmb.min_group_fraction)
+            group_people = people_by_group(people)
+            redrawn = draw_degradation(rng, recipe, sample.hq.shape[:2], list(group_people), group_people)
         checks["params_from_seed"] = "identical" if _json_equal(redrawn, params) else "DIFFERENT"
     report["identical"] = all(v == "identical" or v.startswith("skipped") for v in checks.values())
     return report

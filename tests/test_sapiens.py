@@ -1,3 +1,5 @@
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -75,7 +77,7 @@ def test_padded_size_is_three_by_four_portrait():
 def test_square_crop_is_padded_then_cropped_back(tiny_torchscript):
     seg = make_segmenter("sapiens", checkpoint=tiny_torchscript)
     assert seg.name == "sapiens" and seg.model_id == "tiny_seg_torchscript.pt2" and not seg.per_source
-    labels = seg.segment([_half_white(512, 512)])[0]
+    labels = seg.segment([_half_white(512, 512)])[0].parts
     assert labels.shape == (512, 512) and labels.dtype == np.uint8
     expected = _expected(512, 512)
     # Padding 512 -> 683 rows puts the model's quarter line at row 170.75 - 85 = 85.75; a stretched
@@ -88,10 +90,10 @@ def test_square_crop_is_padded_then_cropped_back(tiny_torchscript):
 def test_batches_equal_single_images_for_mixed_sizes(tiny_torchscript):
     seg = make_segmenter("sapiens", checkpoint=tiny_torchscript, batch_size=2)
     images = [_half_white(512, 512), _half_white(300, 800), _half_white(1000, 300)]
-    batched = seg.segment(images)
+    batched = [s.parts for s in seg.segment(images)]
     for image, labels in zip(images, batched):
         assert labels.shape == image.shape[:2]
-        assert np.array_equal(labels, seg.segment([image])[0])
+        assert np.array_equal(labels, seg.segment([image])[0].parts)
         _check(labels, _expected(*image.shape[:2]))
 
 
@@ -102,7 +104,7 @@ def test_exported_program_with_static_batch(tmp_path):
     seg = make_segmenter("sapiens", checkpoint=str(path), batch_size=4)
     assert seg.static_batch == 1
     images = [_half_white(512, 512), _half_white(512, 512)]
-    for labels in seg.segment(images):
+    for labels in (s.parts for s in seg.segment(images)):
         _check(labels, _expected(512, 512))
 
 
@@ -125,3 +127,53 @@ def test_clear_errors(tmp_path):
     seg.close()
     with pytest.raises(RuntimeError, match="closed"):
         seg.segment([_half_white(64, 64)])
+
+
+def _run_synth(out, *extra: str) -> int:
+    from haodiff_data.cli import main
+    from haodiff_data.intake.sources import ASSETS_DIR
+
+    return main(["synth", str(ASSETS_DIR / "astronaut.png"), "--out", str(out), "--no-progress", "--segmenter",
+                 "sapiens", *extra])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_checkpoint_that_cannot_load_stops_the_run_before_any_sample(tmp_path, capsys, workers):
+    # A zip archive with a TorchScript name but no program in it: only loading can tell.
+    broken = tmp_path / "broken_torchscript.pt2"
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("broken/constants.pkl", b"not a pickle")
+    out = tmp_path / "out"
+    assert _run_synth(out, "--checkpoint", str(broken), "--workers", workers) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "broken_torchscript.pt2" in err and "cannot load" in err
+    assert not list(out.glob("*.tar")) and not list(out.glob("rejects-*"))
+
+
+def test_wrong_file_kind_and_missing_device_stop_the_run(tmp_path, capsys, tiny_torchscript):
+    text = tmp_path / "notes_torchscript.pt2"
+    text.write_text("hello")
+    assert _run_synth(tmp_path / "a", "--checkpoint", str(text)) == 2
+    assert "not a TorchScript or torch.export archive" in capsys.readouterr().err
+    assert _run_synth(tmp_path / "b", "--checkpoint", str(tmp_path / "missing.pt2")) == 2
+    assert "missing.pt2" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert _run_synth(tmp_path / "c", "--checkpoint", tiny_torchscript, "--device", "cuda") == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert _run_synth(tmp_path / "d", "--checkpoint", tiny_torchscript, "--device", "tpu") == 2
+    assert "--device" in capsys.readouterr().err
+    assert not [p for d in "abcd" for p in (tmp_path / d).glob("*.tar")]
+
+
+def test_default_workers_account_for_the_model(tmp_path, monkeypatch):
+    from haodiff_data import synth
+
+    monkeypatch.setattr(synth, "cpu_count", lambda: 32)
+    monkeypatch.setattr(synth, "available_memory", lambda: 64 * 2**30)
+    big = tmp_path / "big_torchscript.pt2"
+    with open(big, "wb") as f:
+        f.truncate(1_358_871_599)  # the 0.3B file's size, sparse
+    # 64 GiB / (4.5 x 1.36 GB + 0.5 GiB) = 10 workers, not 32 model copies.
+    assert synth.default_workers("sapiens", str(big), "cpu") == 10
+    assert synth.default_workers("sapiens", str(big), "cuda") == synth.MAX_WORKERS_PER_GPU
+    assert synth.default_workers("mediapipe") == 32

@@ -9,6 +9,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from collections import Counter
+
 import cv2
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import webdataset as wds
 
 from haodiff_data.cli import main
 from haodiff_data.intake.sources import ASSETS_DIR
+from haodiff_data.shards.schema import decode_sample
 
 BASE = ["--no-progress", "--samples-per-shard", "2"]
 
@@ -64,6 +67,45 @@ def test_shards_read_back_with_plain_webdataset(reference_run):
     summary = json.loads((reference_run / "summary-r000.json").read_text())
     assert summary["samples_written"] == 6 and summary["samples_rejected"] == 0
     assert sum(summary["parameters"]["first_order"].values()) == 6
+
+
+def test_summary_counts_people_and_hmb_beside_the_recipe(reference_run, capsys):
+    members = samples_by_key(reference_run)
+    metas = [json.loads(m["json"]) for m in members.values()]
+    seg = json.loads((reference_run / "summary-r000.json").read_text())["segmentation"]
+    with_person = [m for m in metas if m["segmenter"]["person_found"]]
+    hmb = [m for m in metas if m["first_order"] == "hmb"]
+    assert seg["samples"] == 6 and seg["samples_with_person"] == len(with_person) > 0
+    assert seg["hmb_samples"] == len(hmb) and seg["hmb_share"] == round(len(hmb) / 6, 4)
+    assert seg["hmb_per_group"] == dict(sorted(Counter(m["hmb"]["group"] for m in hmb).items()))
+    assert seg["recipe_p_hmb"] == pytest.approx(1 / 3, abs=1e-4) and seg["recipe_p_hmb_over"] == "person"
+    for m, sample in zip(metas, members.values()):
+        persons = cv2.imdecode(np.frombuffer(sample["persons.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        parts = cv2.imdecode(np.frombuffer(sample["parts.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        # Every labelled pixel belongs to exactly one person, ids 1..n with none missing.
+        assert np.array_equal(persons > 0, parts > 0)
+        assert set(np.unique(persons)) == set(range(m["segmenter"]["persons"] + 1))
+        if m["first_order"] == "hmb":
+            assert 1 <= m["hmb"]["person"] <= m["segmenter"]["persons"]
+    assert main(["inspect", str(reference_run), "--out", str(reference_run / "look"), "--max-samples", "1"]) == 0
+
+
+def test_shards_without_persons_read_as_one_person_and_replay(reference_run, tmp_path, capsys):
+    members = samples_by_key(reference_run)
+    metas = {k: json.loads(m["json"]) for k, m in members.items()}
+    key = next(k for k, m in metas.items() if m["first_order"] == "hmb" and m["segmenter"]["persons"] == 1)
+    # As written before person instances existed: no persons.png, no hmb.person.
+    old = {k: v for k, v in members[key].items() if k != "persons.png"}
+    meta = metas[key]
+    del meta["hmb"]["person"]
+    old["json"] = json.dumps(meta).encode()
+    sample = decode_sample({"__key__": key, **old})
+    assert sample.persons is None and np.array_equal(sample.person_map(), (sample.parts > 0).astype(np.uint8))
+    with wds.TarWriter(str(tmp_path / "old.tar"), encoder=False) as tar:
+        tar.write({"__key__": key, **old})
+    assert main(["replay", str(tmp_path / "old.tar"), "--key", key]) == 0
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    assert checks["lq"] == checks["mask"] == checks["params_from_seed"] == "identical"
 
 
 def test_mask_is_hmb_weight_region_only_for_hmb(reference_run):

@@ -1,4 +1,5 @@
-"""Body-part segmenters: RGB uint8 images in, Goliath-28 uint8 label maps out (design 3.3).
+"""Body-part segmenters: RGB uint8 images in, Goliath-28 part labels and person instances out
+(design 3.3).
 
 Backends are imported lazily so that, e.g., the MediaPipe path never imports torch.
 """
@@ -6,11 +7,25 @@ Backends are imported lazily so that, e.g., the MediaPipe path never imports tor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 SEGMENTERS: tuple[str, ...] = ("mediapipe", "sapiens", "labels")
+
+
+@dataclass
+class Segmentation:
+    """One image's segmentation: which part (Goliath id) and which person each pixel shows."""
+
+    parts: np.ndarray  # uint8 HxW Goliath-28 ids, 0 where no person is
+    persons: np.ndarray  # uint8 HxW person ids 1..n in order of discovery, 0 where no person is
+
+    @property
+    def count(self) -> int:
+        return int(self.persons.max(initial=0))
 
 
 class Segmenter(Protocol):
@@ -18,11 +33,41 @@ class Segmenter(Protocol):
     model_id: str  # recorded in every sample's JSON
     per_source: bool  # True when labels come per source file (load()) instead of segment()
 
-    def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """RGB uint8 HxWx3 images -> uint8 HxW Goliath ids; all zeros where no person is found."""
+    def segment(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
+        """RGB uint8 HxWx3 images -> their segmentations; all zeros where no person is found."""
         ...
 
-    def close(self) -> None: ...
+
+def renumber(persons: np.ndarray) -> np.ndarray:
+    """Person ids made consecutive (1..n) in order of first id, so absent ids leave no gaps."""
+    present = np.unique(persons)
+    present = present[present > 0]
+    if present.size == 0 or present[-1] == present.size:
+        return persons
+    table = np.zeros(256, np.uint8)
+    table[present] = np.arange(1, present.size + 1, dtype=np.uint8)
+    return table[persons]
+
+
+# Pixels of one person closer than this (in px) are joined, so that a hand separated from its arm
+# by a held object stays one person; people further apart than this become separate instances.
+INSTANCE_GAP = 9
+
+
+def instances_from_parts(parts: np.ndarray) -> np.ndarray:
+    """Person ids for a label map that has none (Sapiens, precomputed maps): connected regions of
+    labelled pixels, gaps of up to ``INSTANCE_GAP`` px bridged. People who touch stay one instance."""
+    fg = (parts > 0).astype(np.uint8)
+    if not fg.any():
+        return np.zeros(parts.shape, np.uint8)
+    bridged = cv2.dilate(fg, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (INSTANCE_GAP, INSTANCE_GAP)))
+    count, components = cv2.connectedComponents(bridged, connectivity=8)
+    # Ids by area (largest first), capped at 255: the map is uint8.
+    areas = np.bincount(components[fg > 0], minlength=count)
+    order = np.argsort(-areas[1:], kind="stable")[:255] + 1
+    table = np.zeros(count, np.uint8)
+    table[order[areas[order] > 0]] = np.arange(1, int((areas[order] > 0).sum()) + 1, dtype=np.uint8)
+    return np.where(fg > 0, table[components], 0).astype(np.uint8)
 
 
 def check_rgb(images: Sequence[np.ndarray]) -> None:

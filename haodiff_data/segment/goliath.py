@@ -127,12 +127,52 @@ def group_masks(labels: np.ndarray, min_fraction: float) -> dict[str, np.ndarray
     check_labels(labels)
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction: expected a value in [0, 1], got {min_fraction}")
+    return _group_masks(labels, min_fraction * labels.size)
+
+
+def person_groups(labels: np.ndarray, persons: np.ndarray, min_fraction: float) -> dict[int, dict[str, np.ndarray]]:
+    """Per person id (1..n): bool HxW masks of that person's non-empty HMB groups.
+
+    Each person's groups come from their own pixels only, so a limb group never reaches a
+    neighbour's limb or clothing. The area threshold is relative to the whole image, as in
+    :func:`group_masks`.
+    """
+    check_labels(labels)
+    if persons.shape != labels.shape or persons.dtype != np.uint8:
+        raise ValueError(f"persons: expected a uint8 map of shape {labels.shape}, got {persons.dtype} {persons.shape}")
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction: expected a value in [0, 1], got {min_fraction}")
+    out = {}
+    for person in range(1, int(persons.max(initial=0)) + 1):
+        own = (persons == person) & (labels > 0)
+        box = person_box(own.astype(np.uint8))
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        # Only the person's bounding box: the cost follows the person's size, not the image's.
+        masks = _group_masks(np.where(own[y0:y1, x0:x1], labels[y0:y1, x0:x1], 0).astype(np.uint8),
+                             min_fraction * labels.size)
+        full = {}
+        for name, mask in masks.items():
+            full[name] = np.zeros(labels.shape, bool)
+            full[name][y0:y1, x0:x1] = mask
+        if full:
+            out[person] = full
+    return out
+
+
+def people_by_group(people: dict[int, dict[str, np.ndarray]]) -> dict[str, list[int]]:
+    """For each non-empty group, in GROUPS order, the people (ids) who have it."""
+    by_group = {g: [k for k, groups in people.items() if g in groups] for g in GROUPS}
+    return {g: ks for g, ks in by_group.items() if ks}
+
+
+def _group_masks(labels: np.ndarray, min_area: float) -> dict[str, np.ndarray]:
     masks = {name: _GROUP_TABLES[name][labels] for name in GROUPS[:-1]}
     masks["whole_body"] = labels > 0
     limbs = {name: masks[name] for name in LIMB_GROUPS if masks[name].any()}
     for name, extra in _clothing_to_limbs(labels, limbs).items():
         masks[name] |= extra
-    min_area = min_fraction * labels.size
     return {name: m for name, m in masks.items() if m.any() and m.sum() >= min_area}
 
 

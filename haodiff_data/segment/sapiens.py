@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from haodiff_data.segment import check_rgb
+from haodiff_data.segment import Segmentation, check_rgb, instances_from_parts
 from haodiff_data.segment.goliath import NUM_CLASSES
 
 INPUT_HW = (1024, 768)  # fixed by the export; the maintainers say not to change it
@@ -33,6 +33,32 @@ def is_torchscript(path: str) -> bool:
             return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in archive.namelist())
     except zipfile.BadZipFile:
         return False
+
+
+def check_checkpoint(checkpoint: str, device: str) -> None:
+    """Fail fast, before a run starts, on what can be known without loading the model: a missing
+    file, a file that is no torch archive, a device this machine does not have."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"sapiens checkpoint not found: {checkpoint}")
+    if not zipfile.is_zipfile(checkpoint):
+        raise ValueError(f"sapiens checkpoint {checkpoint}: not a TorchScript or torch.export archive; "
+                         "pass a Sapiens lite *_torchscript.pt2 file")
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError("segmenter 'sapiens' needs torch: pip install 'haodiff[sapiens]'") from exc
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); use --device cpu or a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
 
 
 def padded_size(height: int, width: int) -> tuple[int, int]:
@@ -90,7 +116,11 @@ class SapiensSegmenter:
                 # Exported modules are already in inference form (and refuse .eval()).
                 self.model = program.module().to(self.device, self.dtype)
         except Exception as exc:
-            raise ValueError(f"sapiens checkpoint {checkpoint}: cannot load it with torch: {exc}") from exc
+            hint = ("" if is_torchscript(checkpoint) else
+                    "; Sapiens' *_bfloat16.pt2 files are torch.export programs tied to the torch that wrote "
+                    "them (2.3): use the *_torchscript.pt2 file of the same model")
+            raise ValueError(f"sapiens checkpoint {checkpoint}: cannot load it with torch {torch.__version__}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 
@@ -127,7 +157,7 @@ class SapiensSegmenter:
             )
         return logits[:n].float()
 
-    def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def segment(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
         import torch
         import torch.nn.functional as F
 
@@ -146,7 +176,8 @@ class SapiensSegmenter:
                 up = F.interpolate(logit[None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
                 crop = up[:, top : top + height, left : left + width]
                 out.append(crop.argmax(dim=0).to(torch.uint8).cpu().numpy())
-        return out
+        # Sapiens labels parts, not people: instances are its connected regions.
+        return [Segmentation(parts, instances_from_parts(parts)) for parts in out]
 
     def close(self) -> None:
         self.model = None

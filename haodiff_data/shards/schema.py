@@ -7,6 +7,8 @@ Members of sample ``key`` (design section 4):
   residual.npy.gz   int16 HxWx3 = LQ - HQ exactly, numpy .npy inside gzip (mtime 0); plain
                     ``webdataset`` decodes it to the int16 array (its default .gz then .npy handlers)
   parts.png         L uint8, Goliath-28 label map of hq
+  persons.png       L uint8, person instance ids (1..n, 0 = nobody) of hq; optional (shards
+                    written before it existed lack it and read as one person wherever parts > 0)
   json              every drawn parameter, source and segmenter (``schema`` = 1)
 
 PNG keeps hq/lq/mask/parts exact. The residual needs 9 bits, which an 8-bit PNG cannot hold, and
@@ -26,6 +28,7 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 MEMBERS = ("hq.png", "lq.png", "mask.png", "residual.npy.gz", "parts.png", "json")
+OPTIONAL_MEMBERS = ("persons.png",)
 
 
 class SchemaError(ValueError):
@@ -40,6 +43,11 @@ class Sample:
     mask: np.ndarray  # HxW uint8 {0, 255}
     parts: np.ndarray  # HxW uint8 Goliath ids
     meta: dict[str, Any]
+    persons: np.ndarray | None = None  # HxW uint8 person ids; None in shards from before persons.png
+
+    def person_map(self) -> np.ndarray:
+        """Person ids, or one person wherever a part is labelled when the shard has none."""
+        return self.persons if self.persons is not None else (self.parts > 0).astype(np.uint8)
 
     @property
     def residual(self) -> np.ndarray:
@@ -104,6 +112,7 @@ def encode_sample(
     parts: np.ndarray,
     meta: dict[str, Any],
     png_compression: int = 1,
+    persons: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """A WebDataset sample dict (``__key__`` + member bytes) for one synthesized pair."""
     if "." in key:
@@ -111,15 +120,18 @@ def encode_sample(
     if hq.shape != lq.shape:
         raise ValueError(f"hq {hq.shape} and lq {lq.shape} differ in size")
     meta = {"schema": SCHEMA_VERSION, **meta}
-    return {
+    sample = {
         "__key__": key,
         "hq.png": encode_png(hq, png_compression),
         "lq.png": encode_png(lq, png_compression),
         "mask.png": encode_png(mask, png_compression, labels=True),
         "residual.npy.gz": encode_residual(residual(hq, lq)),
         "parts.png": encode_png(parts, png_compression, labels=True),
-        "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
     }
+    if persons is not None:
+        sample["persons.png"] = encode_png(persons, png_compression, labels=True)
+    sample["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return sample
 
 
 def parse_meta(data: bytes, where: str) -> dict[str, Any]:
@@ -156,6 +168,7 @@ def decode_sample(members: dict[str, bytes], where: str = "sample") -> Sample:
         mask=decode_png(members["mask.png"], 1, f"{where}: mask.png"),
         parts=decode_png(members["parts.png"], 1, f"{where}: parts.png"),
         meta=meta,
+        persons=decode_png(members["persons.png"], 1, f"{where}: persons.png") if "persons.png" in members else None,
     )
     stored = decode_residual(members["residual.npy.gz"])
     if not np.array_equal(stored, sample.residual):
