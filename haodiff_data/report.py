@@ -276,7 +276,8 @@ def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeStat
     return summary
 
 
-def print_summary(summary: dict[str, Any], out: Path, command: str = "synth", file=sys.stderr) -> None:
+def print_summary(summary: dict[str, Any], out: Path, command: str = "synth", file=None) -> None:
+    file = file or sys.stderr  # looked up at call time, so redirected streams are honoured
     inv = summary["this_invocation"]
     print(
         f"haodiff-data {command}: {summary['samples_written']} samples in {len(summary['shards'])} shard(s) "
