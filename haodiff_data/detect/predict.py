@@ -160,12 +160,14 @@ def detections_sheet(items: Sequence[ImageDetections], images: dict[str, np.ndar
 def predict(inputs: Sequence[str], out: Path, cfg: PredictConfig, max_sheet: int = 48,
             progress: bool = True) -> dict:
     """Detect on ``inputs``, write ``detections.jsonl`` and ``detections.png`` to ``out``; the summary."""
-    sources = list_sources(inputs)
-    if not sources:
+    sources, unlisted = list_sources(inputs)
+    if not sources and not unlisted:
         raise DetectorError(f"no images found in {list(inputs)}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     items, images, timing = detect_sources(sources, cfg, progress, keep_images=True)
+    # Inputs that never became images (dangling links, loops, unreadable folders) are reported too.
+    items += [ImageDetections(file=r["source"], error=r["reason"]) for r in unlisted]
     wall = time.perf_counter() - t0
     write_jsonl(out / "detections.jsonl", items)
     sheet_img = detections_sheet(items, images, max_sheet)

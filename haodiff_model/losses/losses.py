@@ -79,16 +79,16 @@ class Stage1Loss:
 
     def __post_init__(self) -> None:
         checks = {
-            "dice_weight": self.dice_weight >= 0,
-            "dice_reduction": self.dice_reduction in DICE_REDUCTIONS,
-            "dice_smooth": self.dice_smooth >= 0,
-            "bce_weight": self.bce_weight >= 0,
-            "focal_gamma": self.focal_gamma >= 0,
-            "mask_logit_bound": self.mask_logit_bound is None or self.mask_logit_bound > 0,
+            "dice_weight": (self.dice_weight >= 0, ">= 0"),
+            "dice_reduction": (self.dice_reduction in DICE_REDUCTIONS, f"one of {', '.join(DICE_REDUCTIONS)}"),
+            "dice_smooth": (self.dice_smooth >= 0, ">= 0"),
+            "bce_weight": (self.bce_weight >= 0, ">= 0"),
+            "focal_gamma": (self.focal_gamma >= 0, ">= 0"),
+            "mask_logit_bound": (self.mask_logit_bound is None or self.mask_logit_bound > 0, "null or > 0"),
         }
-        bad = [n for n, ok in checks.items() if not ok]
+        bad = [f"{n} must be {need}, got {getattr(self, n)!r}" for n, (ok, need) in checks.items() if not ok]
         if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+            raise ValueError("; ".join(bad))
 
 
 PAPER_LOSS = Stage1Loss(dice_weight=0.02, dice_reduction="sample", dice_smooth=1.0, bce_weight=0.0, focal_gamma=0.0,
