@@ -168,10 +168,15 @@ class HAODiffRestorer:
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 and force_upcast else self.dtype
         self.encoder = encoder.to(self.device).eval()
         self.restorer = restorer.eval()
-        for model, dtype in ((self.restorer.unet, self.dtype), (self.restorer.vae, self.vae_dtype)):
-            model.to(self.device)
-            if model.dtype != dtype:
-                model.to(dtype)
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its note on casting loaded models with .to() does not apply
+        try:
+            for model, dtype in ((self.restorer.unet, self.dtype), (self.restorer.vae, self.vae_dtype)):
+                model.to(self.device, dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         self.restorer.alphas_cumprod = self.restorer.alphas_cumprod.to(self.device)
 
     @classmethod
