@@ -53,3 +53,24 @@ def test_convert_with_fresh_embedders_and_a_contradicting_config(stage1, tmp_pat
     assert main(["--dpg", str(root / "dpg.pth"), "--out", str(tmp_path / "c"), "--dpg-config",
                  str(tmp_path / "c.yaml")]) == 2
     assert "dpg.embed_dim (settings 24, weights 12)" in capsys.readouterr().err
+
+
+def test_dpg_prediction_pictures(stage1, tmp_path, capsys):
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from haodiff_model.restore.cli import main as restore_main
+
+    root, net, _ = stage1
+    write_dpg_sidecar(root / "dpg.pth", net.cfg.to_swinir_kwargs())
+    photo = Path(__file__).resolve().parent.parent / "haodiff_data" / "assets" / "bus.jpg"
+    Image.open(photo).resize((60, 80)).save(tmp_path / "bus.png")
+    assert restore_main(["dpg", str(tmp_path / "bus.png"), "--dpg", str(root / "dpg.pth"), "--out",
+                         str(tmp_path / "o"), "--no-progress"]) == 0
+    panel = np.asarray(Image.open(tmp_path / "o" / "bus.png"))
+    assert panel.shape == (80, 4 * 60, 3)
+    lq = np.asarray(Image.open(tmp_path / "bus.png"))
+    assert np.abs(panel[:, :60].astype(int) - lq).max() <= 1  # first panel: the input itself
+    assert "restored 1" in capsys.readouterr().out

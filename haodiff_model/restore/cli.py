@@ -2,6 +2,7 @@
 
     haodiff-restore INPUTS... --out DIR --base SD21_BASE_DIR --weights DIR [options]
     haodiff-restore convert --dpg dpg.pth --out DIR [--prompt-from img_encoder_weights.pth]
+    haodiff-restore dpg INPUTS... --dpg dpg.pth --out DIR      (stage 1: HQ / residual / mask per image)
     haodiff-restore --bench [--precision bf16] [--device cpu] ...
 
 Several GPUs: `torchrun --nproc-per-node 4 -m haodiff_model.restore.cli INPUTS... --device cuda ...`
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from haodiff_model.restore.convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv[:1] == ["dpg"]:
+        from haodiff_model.restore.predict_dpg import main as dpg_main
+
+        return dpg_main(argv[1:])
     args = build_parser().parse_args(argv)
     from haodiff_model.checkpoint import CheckpointMismatchError
     from haodiff_model.dpg import ConfigError

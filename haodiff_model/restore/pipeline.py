@@ -47,9 +47,6 @@ from haodiff_model.restore.tiling import (
 )
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# UNet config keys recorded with trained weights and checked against the base folder at restore time
-UNET_FINGERPRINT_KEYS = ("block_out_channels", "cross_attention_dim", "attention_head_dim", "in_channels",
-                         "out_channels", "layers_per_block", "use_linear_projection")
 
 
 @dataclass(frozen=True)
@@ -297,5 +294,5 @@ def to_uint8_truncated(image: torch.Tensor) -> torch.Tensor:
     return image.float().mul(255).to(torch.uint8)
 
 
-__all__ = ["HAODiffRestorer", "PRECISIONS", "RestoreOptions", "StageTimer", "UNET_FINGERPRINT_KEYS",
+__all__ = ["HAODiffRestorer", "PRECISIONS", "RestoreOptions", "StageTimer",
            "check_base_folder", "check_weights_folder", "resolve_settings", "to_uint8_truncated"]

@@ -28,6 +28,9 @@ DPG_FORMAT = "haodiff-dpg"
 FORMAT_VERSION = 1
 LATENT_MODES = ("sample", "mode")
 OFFICIAL_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
+# UNet config keys recorded with trained weights and checked against the base folder at restore time
+UNET_FINGERPRINT_KEYS = ("block_out_channels", "cross_attention_dim", "attention_head_dim", "in_channels",
+                         "out_channels", "layers_per_block", "use_linear_projection")
 
 
 class SettingsError(ValueError):
@@ -146,4 +149,4 @@ def read_dpg_sidecar(dpg_path: str | Path) -> dict[str, Any] | None:
 
 
 __all__ = ["InferenceSettings", "LATENT_MODES", "OFFICIAL_BASE_MODEL", "SETTINGS_FILE", "SettingsError",
-           "diff_keys", "dpg_sidecar", "read_dpg_sidecar", "read_settings", "write_dpg_sidecar", "write_settings"]
+           "UNET_FINGERPRINT_KEYS", "diff_keys", "dpg_sidecar", "read_dpg_sidecar", "read_settings", "write_dpg_sidecar", "write_settings"]

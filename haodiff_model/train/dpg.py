@@ -13,8 +13,9 @@ else the last training shard, which is then excluded from training).
 
 Outputs under `output.dir`: metrics.jsonl, tb/ (TensorBoard), val/step-*.png (grids: HQ | LQ |
 pred HQ | residual | pred residual | mask | pred mask), loss.png, config.yaml,
-checkpoints/step-*/{state.pt, dpg.pth} and, at the end, dpg.pth (official-layout stage-1 weights,
-the file the official adapter loads as `pretrained_swinir`).
+checkpoints/step-*/{state.pt, dpg.pth, dpg.json} and, at the end, dpg.pth (official-layout stage-1
+weights, the file the official adapter loads as `pretrained_swinir`) with dpg.json beside it (its
+architecture as `swinir_kwargs`, which stage 2 and `haodiff-restore convert` read).
 
 Resume (`--resume`, from checkpoints/latest). Restored: model, Adam state, scheduler, step, RNG
 states of every rank (Python, NumPy, torch, CUDA and the drop-path generator) and the data
@@ -45,6 +46,7 @@ from haodiff_model.config import ConfigError, RunConfig, check_scalar_types
 from haodiff_model.io.official import load_dpg_weights, save_dpg
 from haodiff_model.losses.losses import DICE_REDUCTIONS, Stage1Objective, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
+from haodiff_model.restore.settings import dpg_sidecar, write_dpg_sidecar
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.guards import Stage1Guard
@@ -220,7 +222,7 @@ class DPGTrainer(Trainer):
 
     LOG_NAMES = ("loss", *LOSS_PARTS, *HEAD_STATS)
     PLOT_KEYS = ("train/loss", *(f"train/{k}" for k in LOSS_PARTS), "val/loss")
-    OUTPUT_FILES = (DPG_WEIGHTS,)
+    OUTPUT_FILES = (DPG_WEIGHTS, dpg_sidecar(DPG_WEIGHTS).name)
 
     def __init__(self, cfg: TrainDPGConfig, ctx: DistContext, resume: bool = False,
                  log: Callable[[str], None] = print):
@@ -333,6 +335,7 @@ class DPGTrainer(Trainer):
 
     def write_outputs(self, folder: Path) -> None:
         save_dpg(self.model, folder / DPG_WEIGHTS)
+        write_dpg_sidecar(folder / DPG_WEIGHTS, self.model.cfg.to_swinir_kwargs())
 
     def finish(self) -> Path:
         return self._finish()[0]

@@ -55,8 +55,14 @@ from haodiff_model.nets.discriminator import (
 )
 from haodiff_model.nets.dpg import DPGConfig
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig, prepare_dpg_input
-from haodiff_model.nets.restorer import OneStepRestorer, RestorerOutput, cast_frozen_, lora_target_modules
+from haodiff_model.nets.restorer import (
+    ADAPTER, OneStepRestorer, RestorerOutput, cast_frozen_, lora_layers, lora_target_modules,
+)
 from haodiff_model.nets.sdxl_cond import SDXLConditioner, load_sdxl_conditioner, save_img_encoder_with_changers
+from haodiff_model.restore.settings import (
+    OFFICIAL_BASE_MODEL, SETTINGS_FILE, UNET_FINGERPRINT_KEYS, InferenceSettings, diff_keys, dpg_sidecar,
+    read_dpg_sidecar, write_settings,
+)
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
@@ -334,7 +340,15 @@ def build_prompt_encoder(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: 
         notes.append(str(report))
         return encoder
     path = paths["model.dpg_weights"]
-    encoder = DualPromptEncoder(cfg.dpg, cfg.prompt_embedder,
+    dpg = cfg.dpg
+    stored = read_dpg_sidecar(path)
+    if stored is not None:  # the stage-1 run recorded its architecture: no retyping
+        dpg = DPGConfig.from_swinir_kwargs(stored, cfg.dpg.attention)
+        differ = diff_keys(dpg.to_swinir_kwargs(), cfg.dpg.to_swinir_kwargs(), "dpg")
+        if differ:
+            notes.append(f"DPG architecture from {dpg_sidecar(path)}; the config's dpg section differs and is not "
+                         f"used: {'; '.join(differ)}")
+    encoder = DualPromptEncoder(dpg, cfg.prompt_embedder,
                                 torch.Generator().manual_seed(derive_seed(cfg.train.seed, _INIT_STREAM, 0)))
     notes.append(str(load_dpg_weights(encoder.feature_extractor, path)))
     return encoder
@@ -563,7 +577,24 @@ def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
                                                       step.disc_module.conditioner if step.disc_module else None,
                                                       folder)
         lora_file = save_lora_weights(step.restorer.unet, folder)
+    write_settings(folder, inference_settings(step))
     return encoder_file, lora_file
+
+
+def inference_settings(step: Stage2Step) -> InferenceSettings:
+    """What haodiff-restore needs beside the two official files (written as haodiff.json)."""
+    r, encoder = step.restorer, step.generator_module.encoder
+    ranks = {layer.r[ADAPTER] for _, layer in lora_layers(r.unet)}
+    return InferenceSettings(timestep=r.timestep, cfg_scale=r.cfg_scale,
+                             latent="sample" if r.sample_latent else "mode",
+                             base_model=str(r.unet.config.get("_name_or_path", "")) or OFFICIAL_BASE_MODEL,
+                             lora_rank=ranks.pop() if len(ranks) == 1 else None, dpg=encoder.swinir_kwargs,
+                             prompt_embedder=encoder.performer_kwargs,
+                             unet={k: _plain(r.unet.config[k]) for k in UNET_FINGERPRINT_KEYS if k in r.unet.config})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 class OSDTrainer(Trainer):
@@ -571,7 +602,7 @@ class OSDTrainer(Trainer):
 
     LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
     PLOT_KEYS = ("train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss")
-    OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE)
+    OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE, SETTINGS_FILE)
 
     def __init__(self, cfg: TrainOSDConfig, ctx: DistContext, resume: bool = False,
                  log: Callable[[str], None] = print):
@@ -687,7 +718,7 @@ class OSDTrainer(Trainer):
         export_official(self.step_fn, folder)
 
     def finish(self) -> tuple[Path, Path]:
-        encoder_file, lora_file = self._finish()
+        encoder_file, lora_file, _ = self._finish()
         return encoder_file, lora_file
 
 
