@@ -178,3 +178,16 @@ def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     assert main(["--restored", str(tmp_path / "a"), "--reference", str(tmp_path / "a"), "--vgg16",
                  str(tmp_path / "v.pth"), "--dists-weights", str(tmp_path / "d.pt")]) == 2
     assert "DISTS weights not found" in capsys.readouterr().err
+
+
+def test_validation_helpers_psnr_and_mask_overlap():
+    from haodiff_model.eval.metrics import batch_psnr, mask_dice_iou
+
+    x = torch.full((2, 3, 8, 8), 0.5)
+    y = x.clone()
+    y[1] += 0.1  # MSE 0.01 -> 20 dB
+    assert batch_psnr(x, y)[1].item() == pytest.approx(20.0, abs=1e-4) and batch_psnr(x, y)[0] > 100
+    logits = torch.tensor([[1.0, 1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]]).view(2, 1, 2, 2)
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).view(2, 1, 2, 2)
+    dice, iou = mask_dice_iou(logits, target)
+    assert dice.tolist() == pytest.approx([2 / 3, 1.0]) and iou.tolist() == pytest.approx([0.5, 1.0])

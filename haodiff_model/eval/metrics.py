@@ -159,17 +159,40 @@ class PerceptualMetrics:
         return [n for n, m in (("lpips", self.lpips), ("dists", self.dists)) if m is not None]
 
     @torch.no_grad()
-    def __call__(self, restored: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if not self.names:
-            return out
-        x, y = to_tensor01(restored, self.device), to_tensor01(reference, self.device)
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image scores (B,) of image batches in [0, 1], (B, 3, H, W)."""
+        out: dict[str, torch.Tensor] = {}
+        x, y = x.to(self.device).float(), y.to(self.device).float()
         if self.lpips is not None:
-            out["lpips"] = float(self.lpips(x, y, normalize=True).flatten()[0])
+            out["lpips"] = self.lpips(x, y, normalize=True).flatten()
         if self.dists is not None:
-            out["dists"] = float(self.dists(x, y, reduction="none")[0])
+            out["dists"] = self.dists(x, y, reduction="none")
         return out
 
+    def __call__(self, restored: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        if not self.names:
+            return {}
+        scores = self.batch(to_tensor01(restored), to_tensor01(reference))
+        return {k: float(v[0]) for k, v in scores.items()}
 
-__all__ = ["BACKBONE_FILES", "LPIPS_NETS", "PerceptualMetrics", "crop", "load_lpips", "pixel_metrics", "psnr",
-           "rgb_to_y", "ssim", "to_tensor01"]
+
+def batch_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (B,) in dB of float batches in [0, 1] (validation during training)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
+def mask_dice_iou(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU (B,) of thresholded mask logits (> 0) against binary targets."""
+    pred = (logits > 0).flatten(1).float()
+    true = (target > 0.5).flatten(1).float()
+    inter = (pred * true).sum(dim=1)
+    total = pred.sum(dim=1) + true.sum(dim=1)
+    union = total - inter
+    dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return dice, iou
+
+
+__all__ = ["BACKBONE_FILES", "LPIPS_NETS", "PerceptualMetrics", "batch_psnr", "crop", "load_lpips", "mask_dice_iou",
+           "pixel_metrics", "psnr", "rgb_to_y", "ssim", "to_tensor01"]
