@@ -286,3 +286,15 @@ def test_settings_file_is_read_checked_and_overridden(folders, tmp_path):
     (own / "haodiff.json").write_text(json.dumps({"format": "haodiff-restore-settings", "version": 1, "cfg": 3}))
     with pytest.raises(SettingsError, match=r"unknown key\(s\) \['cfg'\]"):
         HAODiffRestorer.from_folders(base, own)
+
+
+def test_bf16_restores_close_to_fp32(folders):
+    base, weights = folders
+    img = _photo("astronaut.png", (64, 48))
+    out32 = HAODiffRestorer.from_folders(base, weights)[0].restore([img])[0].astype(int)
+    r16 = HAODiffRestorer.from_folders(base, weights, options=RestoreOptions(precision="bf16"))[0]
+    assert r16.restorer.unet.dtype == torch.bfloat16 and r16.restorer.vae.dtype == torch.bfloat16
+    out16 = r16.restore([img])[0].astype(int)
+    assert np.abs(out16 - out32).mean() < 6  # uint8 levels; bf16 keeps 8 bits of mantissa
+    r_half = HAODiffRestorer.from_folders(base, weights, options=RestoreOptions(precision="fp16"))[0]
+    assert r_half.restorer.unet.dtype == torch.float16 and r_half.restorer.vae.dtype == torch.float32  # force_upcast
