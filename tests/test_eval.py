@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from haodiff_model.dists import DISTS, DISTS_TOTAL_CHANNELS
 from haodiff_model.eval.cli import main
 from haodiff_model.eval.metrics import PerceptualMetrics, load_lpips, pixel_metrics, psnr, rgb_to_y, ssim
-from haodiff_model.vgg import vgg16_features
+from haodiff_model.losses.dists import DISTS, DISTS_TOTAL_CHANNELS
+from haodiff_model.losses.vgg import vgg16_features
 
 ASSETS = Path(__file__).resolve().parent.parent / "haodiff_data" / "assets"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
-from haodiff_model.restore.bench import TINY_VAE8_CONFIG, write_tiny_folders  # noqa: E402
+from haodiff_model.bench.restore import TINY_VAE8_CONFIG, write_tiny_folders  # noqa: E402
 from haodiff_model.restore.cli import main  # noqa: E402
 from haodiff_model.restore.colorfix import adain_color_fix, color_fix, wavelet_decompose  # noqa: E402
 from haodiff_model.restore.pipeline import HAODiffRestorer, RestoreOptions, to_uint8_truncated  # noqa: E402

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from haodiff_model.bench_osd import TINY_DPG
-from haodiff_model.checkpoint import load_img_encoder, save_dpg
-from haodiff_model.dpg import DPGConfig, DPGNetwork
-from haodiff_model.restore.bench import write_tiny_folders
+from haodiff_model.bench.osd import TINY_DPG
+from haodiff_model.bench.restore import write_tiny_folders
+from haodiff_model.io.official import load_img_encoder, save_dpg
+from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.restore.convert import main
 from haodiff_model.restore.settings import write_dpg_sidecar
 

@@ -12,17 +12,17 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 from haodiff_data.shards.schema import encode_sample  # noqa: E402
-from haodiff_model.bench_osd import TINY_PROMPT  # noqa: E402
-from haodiff_model.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
+from haodiff_model.bench.osd import TINY_PROMPT  # noqa: E402
+from haodiff_model.bench.restore import write_tiny_folders  # noqa: E402
 from haodiff_model.eval.cli import main as eval_main  # noqa: E402
-from haodiff_model.restore.bench import write_tiny_folders  # noqa: E402
+from haodiff_model.losses.dists import DISTS_TOTAL_CHANNELS  # noqa: E402
+from haodiff_model.losses.vgg import vgg16_features  # noqa: E402
 from haodiff_model.restore.cli import main as restore_main  # noqa: E402
 from haodiff_model.restore.settings import read_dpg_sidecar, read_settings  # noqa: E402
-from haodiff_model.train_dpg import TrainDPGConfig  # noqa: E402
-from haodiff_model.train_dpg import train as train_dpg  # noqa: E402
-from haodiff_model.train_osd import TrainOSDConfig  # noqa: E402
-from haodiff_model.train_osd import train as train_osd  # noqa: E402
-from haodiff_model.vgg import vgg16_features  # noqa: E402
+from haodiff_model.train.dpg import TrainDPGConfig  # noqa: E402
+from haodiff_model.train.dpg import train as train_dpg  # noqa: E402
+from haodiff_model.train.osd import TrainOSDConfig  # noqa: E402
+from haodiff_model.train.osd import train as train_osd  # noqa: E402
 
 SIZE = 32
 DPG = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [3, 3, 2, 2], "window_size": 8,

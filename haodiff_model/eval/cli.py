@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     lp = load_lpips(args.lpips_net, args.lpips_backbone) if args.lpips_backbone is not None else None
     dists = None
     if args.vgg16 is not None:
-        from haodiff_model.dists import DISTS
+        from haodiff_model.losses.dists import DISTS
 
         dists = DISTS.from_files(args.vgg16, args.dists_weights)
     perceptual = PerceptualMetrics(lp, dists, args.device)

@@ -12,7 +12,7 @@ Conventions (the field's two, both reported):
   ("valid"), which is what scikit-image's gaussian_weights=True, use_sample_covariance=False mode and
   BasicSR compute.
 - LPIPS (Zhang et al. 2018) from the `lpips` wheel, which ships the linear heads; the AlexNet or
-  VGG16 backbone comes from a local torchvision-format file. DISTS from `haodiff_model.dists`.
+  VGG16 backbone comes from a local torchvision-format file. DISTS from `haodiff_model.losses.dists`.
 Lower is better for LPIPS and DISTS, higher for PSNR and SSIM.
 """
 

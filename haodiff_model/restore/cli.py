@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return dpg_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from haodiff_model.checkpoint import CheckpointMismatchError
-    from haodiff_model.dpg import ConfigError
-    from haodiff_model.lora_io import LoraFileError
+    from haodiff_model.io.official import CheckpointMismatchError
+    from haodiff_model.config import ConfigError
+    from haodiff_model.io.official import LoraFileError
     from haodiff_model.restore.settings import SettingsError
 
     try:
         if args.bench:
-            from haodiff_model.restore.bench import main_bench
+            from haodiff_model.bench.restore import main_bench
 
             return main_bench(args, _device(args.device))
         return cmd_restore(args)

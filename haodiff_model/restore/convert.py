@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from haodiff_model.checkpoint import IMG_ENCODER_FILE, load_dpg_weights, load_img_encoder, save_img_encoder
-from haodiff_model.dpg import DPGConfig
-from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig
+from haodiff_model.io.official import IMG_ENCODER_FILE, load_dpg_weights, load_img_encoder, save_img_encoder
+from haodiff_model.nets.dpg import DPGConfig
+from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
 from haodiff_model.restore.settings import SettingsError, diff_keys, dpg_sidecar, read_dpg_sidecar
 
 
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpg-config", type=Path, default=None, help="training config whose dpg section describes --dpg")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of fresh prompt embedders")
     args = p.parse_args(argv)
-    from haodiff_model.checkpoint import CheckpointMismatchError
-    from haodiff_model.dpg import ConfigError
+    from haodiff_model.io.official import CheckpointMismatchError
+    from haodiff_model.config import ConfigError
 
     try:
         path, notes = convert(args.dpg, args.out, args.prompt_from, args.dpg_config, args.seed)

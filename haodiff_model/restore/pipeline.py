@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from haodiff_model.checkpoint import IMG_ENCODER_FILE, load_img_encoder
-from haodiff_model.lora_io import LORA_FILE, lora_modules_in, merge_lora_into_unet, read_lora_file
-from haodiff_model.osd import OneStepRestorer, alphas_cumprod_from_config
-from haodiff_model.prompt import DualPromptEncoder, prepare_dpg_input
+from haodiff_model.io.official import (
+    IMG_ENCODER_FILE, LORA_FILE, load_img_encoder, lora_modules_in, merge_lora_into_unet, read_lora_file,
+)
+from haodiff_model.nets.prompt import DualPromptEncoder, prepare_dpg_input
+from haodiff_model.nets.restorer import OneStepRestorer, alphas_cumprod_from_config
 from haodiff_model.restore.colorfix import COLOR_FIXES, color_fix
 from haodiff_model.restore.settings import InferenceSettings, SettingsError, diff_keys, read_settings
 from haodiff_model.restore.tiling import (

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from haodiff_model.checkpoint import load_dpg_weights
-from haodiff_model.dpg import DPGNetwork
+from haodiff_model.io.official import load_dpg_weights
+from haodiff_model.nets.dpg import DPGNetwork
 from haodiff_model.restore.convert import dpg_config_for
 from haodiff_model.restore.run import plan_jobs, run_restore, write_rejects
 
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from haodiff_model.checkpoint import CheckpointMismatchError
-    from haodiff_model.dpg import ConfigError
+    from haodiff_model.io.official import CheckpointMismatchError
+    from haodiff_model.config import ConfigError
     from haodiff_model.restore.settings import SettingsError
 
     try:

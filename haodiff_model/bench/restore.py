@@ -1,4 +1,5 @@
-"""Restore benchmark: `haodiff-restore --bench` (full SD2.1-base architecture, random weights).
+"""Restore benchmark: `haodiff-restore --bench` or `python -m haodiff_model.bench.restore` (full
+SD2.1-base architecture, random weights).
 
 Builds the paper's DPG + prompt embedders and the SD2.1-base UNet (LoRA merged, as restoring does)
 and VAE from their configs with random weights, then times `HAODiffRestorer.restore` on random
@@ -37,9 +38,9 @@ TINY_VAE8_CONFIG: dict[str, Any] = {
 
 
 def _prompt_encoder(full: bool, seed: int):
-    from haodiff_model.bench_osd import TINY_DPG, TINY_PROMPT
-    from haodiff_model.dpg import DPGConfig
-    from haodiff_model.prompt import DualPromptEncoder, PromptEmbedderConfig
+    from haodiff_model.bench.osd import TINY_DPG, TINY_PROMPT
+    from haodiff_model.nets.dpg import DPGConfig
+    from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
 
     dpg = DPGConfig() if full else DPGConfig.from_dict(TINY_DPG)
     prompt = PromptEmbedderConfig() if full else PromptEmbedderConfig.from_dict(TINY_PROMPT)
@@ -51,10 +52,9 @@ def write_tiny_folders(root: str | Path, seed: int = 0, lora_scale: float = 0.05
     tiny img_encoder_weights.pth and a LoRA file with non-zero B; returns (base, weights)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from haodiff_model.bench_osd import TINY_UNET_CONFIG
-    from haodiff_model.checkpoint import save_img_encoder
-    from haodiff_model.lora_io import save_lora_weights
-    from haodiff_model.osd import ADAPTER, SD21_BASE_SCHEDULER_CONFIG, add_unet_lora, lora_layers
+    from haodiff_model.bench.osd import TINY_UNET_CONFIG
+    from haodiff_model.io.official import save_img_encoder, save_lora_weights
+    from haodiff_model.nets.restorer import ADAPTER, SD21_BASE_SCHEDULER_CONFIG, add_unet_lora, lora_layers
 
     root = Path(root)
     base, weights = root / "sd21", root / "weights"
@@ -78,8 +78,8 @@ def build_random_restorer(precision: str, device: torch.device, full: bool = Tru
     """HAODiffRestorer with random weights: full SD2.1-base + paper DPG, or the tiny test models."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from haodiff_model.bench_osd import TINY_UNET_CONFIG
-    from haodiff_model.osd import (
+    from haodiff_model.bench.osd import TINY_UNET_CONFIG
+    from haodiff_model.nets.restorer import (
         SD21_BASE_SCHEDULER_CONFIG, SD21_BASE_UNET_CONFIG, SD21_BASE_VAE_CONFIG, OneStepRestorer,
         alphas_cumprod_from_config,
     )
