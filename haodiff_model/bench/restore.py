@@ -17,6 +17,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,13 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def time_restore(restorer, size: int, batch: int, repeats: int) -> dict[str, Any]:
+def time_restore(restorer, size: int, batch: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
     from haodiff_model.restore.pipeline import StageTimer
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
-    restorer.restore(images)  # warm-up: kernels, allocator, oneDNN primitives
+    for _ in range(warmup):  # kernels, allocator, oneDNN primitives
+        restorer.restore(images)
     if restorer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(restorer.device)
     timer = StageTimer(restorer.device)
@@ -124,40 +126,56 @@ def time_restore(restorer, size: int, batch: int, repeats: int) -> dict[str, Any
 
 
 def run_benchmark(device: torch.device, precision: str, size: int, batches: list[int], repeats: int,
-                  official: bool, full: bool = True) -> dict[str, Any]:
+                  official: bool, full: bool = True, warmup: int = 1,
+                  report: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time each batch size (and the official-equivalent fp32 batch 1); `report` gets a line per run
+    as soon as it is measured (a full-size CPU run takes minutes)."""
     t0 = time.perf_counter()
     restorer = build_random_restorer(precision, device, full)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "models": "SD2.1-base UNet + VAE, paper DPG + prompt embedders, random weights" if full else "tiny",
-        "build_s": round(time.perf_counter() - t0, 1), "runs": [],
+        "build_s": round(time.perf_counter() - t0, 1), "warmup_calls": warmup, "runs": [],
     }
+    if report:
+        report(format_header(result))
     for batch in batches:
-        result["runs"].append(time_restore(restorer, size, batch, repeats))
+        result["runs"].append(time_restore(restorer, size, batch, repeats, warmup))
+        if report:
+            report(format_run(result["runs"][-1]))
     if official and precision != "fp32":
         del restorer
-        result["runs"].append({"official_equivalent": True,
-                               **time_restore(build_random_restorer("fp32", device, full), size, 1, repeats)})
+        run = {"official_equivalent": True,
+               **time_restore(build_random_restorer("fp32", device, full), size, 1, repeats, warmup)}
+        result["runs"].append(run)
+        if report:
+            report(format_run(run))
     return result
 
 
-def format_result(result: dict[str, Any]) -> str:
-    lines = [f"device {result['device']}; {result['models']}; build {result['build_s']} s"]
-    for run in result["runs"]:
-        stages = "  ".join(f"{k} {v:.0f}" for k, v in run["ms_per_stage_per_call"].items())
-        tag = " (official-equivalent fp32 b1)" if run.get("official_equivalent") else ""
-        lines.append(f"{run['precision']} batch {run['batch']} {run['size']}px{tag}: {run['ms_per_image']:.0f} ms/image, "
-                     f"{run['images_per_s']:.3f} images/s, peak {run['peak_memory_gib']} GiB; "
-                     f"ms per call: {stages}")
-    return "\n".join(lines)
+def format_header(result: dict[str, Any]) -> str:
+    return (f"device {result['device']}; {result['models']}; build {result['build_s']} s; "
+            f"{result['warmup_calls']} untimed warm-up call(s) per run")
+
+
+def format_run(run: dict[str, Any]) -> str:
+    stages = "  ".join(f"{k} {v:.0f}" for k, v in run["ms_per_stage_per_call"].items())
+    tag = " (official-equivalent fp32 b1)" if run.get("official_equivalent") else ""
+    return (f"{run['precision']} batch {run['batch']} {run['size']}px{tag}: {run['ms_per_image']:.0f} ms/image, "
+            f"{run['images_per_s']:.3f} images/s, peak {run['peak_memory_gib']} GiB; ms per call: {stages}")
 
 
 def main_bench(args: argparse.Namespace, device: torch.device) -> int:
     batches = [int(b) for b in args.bench_batches.split(",") if b.strip()]
     if not batches or min(batches) < 1 or args.bench_repeats < 1 or args.bench_size < 8:
         raise ValueError("--bench-batches must list sizes >= 1, --bench-repeats >= 1, --bench-size >= 8")
-    result = run_benchmark(device, args.precision, args.bench_size, batches, args.bench_repeats, args.bench_official)
-    print(json.dumps(result) if args.json else format_result(result))
+    if args.bench_warmup < 0:
+        raise ValueError("--bench-warmup must be >= 0")
+    report = None if args.json else (lambda line: print(line, flush=True))
+    result = run_benchmark(device, args.precision, args.bench_size, batches, args.bench_repeats, args.bench_official,
+                           warmup=args.bench_warmup, report=report)
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 

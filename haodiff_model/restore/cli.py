@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bench", action="store_true", help="time the stages instead of restoring files")
     b.add_argument("--bench-size", type=int, default=512, help="image side")
     b.add_argument("--bench-batches", default="1,8", help="comma-separated batch sizes")
-    b.add_argument("--bench-repeats", type=int, default=1, help="timed calls per batch size (after one warm-up)")
+    b.add_argument("--bench-repeats", type=int, default=1, help="timed calls per batch size")
+    b.add_argument("--bench-warmup", type=int, default=1, help="untimed calls before them (kernels, allocator)")
     b.add_argument("--bench-official", action="store_true",
                    help="also time the official-equivalent path: fp32, batch 1")
     b.add_argument("--json", action="store_true", help="benchmark: print one JSON object")
