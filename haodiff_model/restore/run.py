@@ -55,7 +55,9 @@ def plan_jobs(inputs: Sequence[str], out: Path) -> tuple[list[Job], list[dict]]:
     taken: dict[Path, str] = {}
     for spec in inputs:
         root = Path(spec) if Path(spec).is_dir() else None
-        for src in list_sources([spec]):
+        listing = list_sources([spec])
+        rejects += [{"input": r["source"], "reason": r["reason"]} for r in listing.rejects]
+        for src in listing.sources:
             if root is not None and src.member is None:
                 rel = Path(src.path).relative_to(root).with_suffix(".png")
             else:
