@@ -13,8 +13,9 @@ else the last training shard, which is then excluded from training).
 
 Outputs under `output.dir`: metrics.jsonl, tb/ (TensorBoard), val/step-*.png (grids: HQ | LQ |
 pred HQ | residual | pred residual | mask | pred mask), loss.png, config.yaml,
-checkpoints/step-*/{state.pt, dpg.pth} and, at the end, dpg.pth (official-layout stage-1 weights,
-the file the official adapter loads as `pretrained_swinir`).
+checkpoints/step-*/{state.pt, dpg.pth, dpg.json} and, at the end, dpg.pth (official-layout stage-1
+weights, the file the official adapter loads as `pretrained_swinir`) with dpg.json beside it (its
+architecture as `swinir_kwargs`, which stage 2 and `haodiff-restore convert` read).
 
 Resume (`--resume`, from checkpoints/latest). Restored: model, Adam state, scheduler, step, RNG
 states of every rank (Python, NumPy, torch, CUDA and the drop-path generator) and the data
@@ -45,6 +46,7 @@ from haodiff_model.config import RunConfig
 from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights, save_dpg
 from haodiff_model.losses.losses import Stage1Loss, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
+from haodiff_model.restore.settings import dpg_sidecar, write_dpg_sidecar
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
@@ -285,6 +287,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
 
     def write_outputs(folder: Path) -> None:
         save_dpg(model, folder / DPG_WEIGHTS)
+        write_dpg_sidecar(folder / DPG_WEIGHTS, model.cfg.to_swinir_kwargs())
 
     run.say(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_urls)} training "
             f"shard(s), {len(val_urls)} validation shard(s), world size {ctx.world_size}, device {ctx.device}, "
@@ -311,7 +314,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
                 run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device))
             if step % cfg.output.ckpt_every == 0 or last:
                 run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed)
-    weights = run.finish(step, [DPG_WEIGHTS], write_outputs, loader)[0]
+    weights = run.finish(step, [DPG_WEIGHTS, dpg_sidecar(DPG_WEIGHTS).name], write_outputs, loader)[0]
     if ctx.is_main:
         plot_metrics(run.out / METRICS_FILE, run.out / "heads.png", HEADS_PLOT_KEYS)
     return weights, model

@@ -40,6 +40,7 @@ from torch import nn
 
 from haodiff_model.io.official import IMG_ENCODER_FILE, LORA_FILE, CheckpointMismatchError
 from haodiff_model.losses.losses import stage2_loss
+from haodiff_model.restore.settings import SETTINGS_FILE
 from haodiff_model.train.distributed import DistContext, init_distributed
 from haodiff_model.train.loop import (
     Run, TrainMeter, batches, build_train_loader, load_val_batch, restore_rngs, run_from_args, split_holdout,
@@ -52,7 +53,7 @@ from haodiff_model.train.state import apply_state, derive_seed, image_grid, to_r
 
 LOG_NAMES = ("loss", "mse", "ea_dists", "gan", "d_loss", "d_real", "d_fake", "grad_norm", "d_grad_norm")
 PLOT_KEYS = ("train/loss", "train/mse", "train/ea_dists", "train/gan", "train/d_loss", "val/loss")
-OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE)
+OUTPUT_FILES = (IMG_ENCODER_FILE, LORA_FILE, SETTINGS_FILE)
 
 
 def checkpointed(step: Stage2Step) -> dict[str, Any]:
@@ -175,7 +176,7 @@ def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] 
                 run.log_validation(step, *validate(step_fn, val_batch, t.seed))
             if step % cfg.output.ckpt_every == 0 or last:
                 run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed(step_fn))
-    encoder_file, lora_file = run.finish(step, OUTPUT_FILES, write_outputs, loader)
+    encoder_file, lora_file, _ = run.finish(step, OUTPUT_FILES, write_outputs, loader)
     return encoder_file, lora_file
 
 

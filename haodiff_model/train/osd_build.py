@@ -17,9 +17,11 @@ from haodiff_model.io.official import (
 )
 from haodiff_model.losses.losses import EdgeAwareDISTS
 from haodiff_model.nets.discriminator import LatentDiscriminator
+from haodiff_model.nets.dpg import DPGConfig
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig, prepare_dpg_input
 from haodiff_model.nets.restorer import OneStepRestorer, RestorerOutput, lora_target_modules
 from haodiff_model.nets.sdxl_cond import SDXLConditioner, load_sdxl_conditioner
+from haodiff_model.restore.settings import diff_keys, dpg_sidecar, read_dpg_sidecar
 from haodiff_model.train.osd_config import INIT_STREAM, DiscriminatorSettings, TrainOSDConfig, resolve_paths
 from haodiff_model.train.state import derive_seed
 
@@ -106,7 +108,15 @@ def build_prompt_encoder(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: 
         notes.append(str(report))
         return encoder
     path = paths["model.dpg_weights"]
-    encoder = DualPromptEncoder(cfg.dpg, cfg.prompt_embedder,
+    dpg = cfg.dpg
+    stored = read_dpg_sidecar(path)
+    if stored is not None:  # the stage-1 run recorded its architecture: no retyping
+        dpg = DPGConfig.from_swinir_kwargs(stored, cfg.dpg.attention)
+        differ = diff_keys(dpg.to_swinir_kwargs(), cfg.dpg.to_swinir_kwargs(), "dpg")
+        if differ:
+            notes.append(f"DPG architecture from {dpg_sidecar(path)}; the config's dpg section differs and is not "
+                         f"used: {'; '.join(differ)}")
+    encoder = DualPromptEncoder(dpg, cfg.prompt_embedder,
                                 torch.Generator().manual_seed(derive_seed(cfg.train.seed, INIT_STREAM, 0)))
     notes.append(str(load_dpg_weights(encoder.feature_extractor, path)))
     return encoder

@@ -7,6 +7,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,8 +15,11 @@ from torch import nn
 from haodiff_model.io.official import CheckpointMismatchError, save_lora_weights
 from haodiff_model.losses.losses import stage2_loss
 from haodiff_model.nets.discriminator import discriminator_gan_loss, generator_gan_loss, noise_to_random_t
-from haodiff_model.nets.restorer import RestorerOutput, cast_frozen_
+from haodiff_model.nets.restorer import ADAPTER, RestorerOutput, cast_frozen_, lora_layers
 from haodiff_model.nets.sdxl_cond import save_img_encoder_with_changers
+from haodiff_model.restore.settings import (
+    OFFICIAL_BASE_MODEL, UNET_FINGERPRINT_KEYS, InferenceSettings, write_settings,
+)
 from haodiff_model.train.distributed import DistContext, wrap_ddp
 from haodiff_model.train.loop import autocast_dtype
 from haodiff_model.train.osd_build import Stage2Discriminator, Stage2Generator, Stage2Parts
@@ -201,7 +205,24 @@ def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
                                                       step.disc_module.conditioner if step.disc_module else None,
                                                       folder)
         lora_file = save_lora_weights(step.restorer.unet, folder)
+    write_settings(folder, inference_settings(step))
     return encoder_file, lora_file
 
 
-__all__ = ["EMA", "Stage2Step", "export_official"]
+def inference_settings(step: Stage2Step) -> InferenceSettings:
+    """What haodiff-restore needs beside the two official files (written as haodiff.json)."""
+    r, encoder = step.restorer, step.generator_module.encoder
+    ranks = {layer.r[ADAPTER] for _, layer in lora_layers(r.unet)}
+    return InferenceSettings(timestep=r.timestep, cfg_scale=r.cfg_scale,
+                             latent="sample" if r.sample_latent else "mode",
+                             base_model=str(r.unet.config.get("_name_or_path", "")) or OFFICIAL_BASE_MODEL,
+                             lora_rank=ranks.pop() if len(ranks) == 1 else None, dpg=encoder.swinir_kwargs,
+                             prompt_embedder=encoder.performer_kwargs,
+                             unet={k: _plain(r.unet.config[k]) for k in UNET_FINGERPRINT_KEYS if k in r.unet.config})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+__all__ = ["EMA", "Stage2Step", "export_official", "inference_settings"]
