@@ -171,10 +171,13 @@ def test_cli_pairs_by_name_and_writes_csv_json_sheet(backbones, tmp_path, capsys
 def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     _write(tmp_path / "a", {"x.png": _photo((32, 32))})
     assert main(["--restored", str(tmp_path / "a")]) == 2
-    assert "--reference is needed" in capsys.readouterr().err
+    assert "nothing to measure: give --reference" in capsys.readouterr().err
     assert main(["--restored", str(tmp_path / "a"), "--reference", str(tmp_path / "a"), "--detector",
                  str(tmp_path / "det.pt")]) == 2
-    assert "HMB" in capsys.readouterr().err
+    assert "--detector needs --inputs" in capsys.readouterr().err
+    assert main(["--restored", str(tmp_path / "a"), "--inputs", str(tmp_path / "a"), "--detector",
+                 str(tmp_path / "det.pt"), "--no-progress"]) == 2
+    assert "det.pt" in capsys.readouterr().err
     assert main(["--restored", str(tmp_path / "a"), "--reference", str(tmp_path / "a"), "--vgg16",
                  str(tmp_path / "v.pth"), "--dists-weights", str(tmp_path / "d.pt")]) == 2
     assert "DISTS weights not found" in capsys.readouterr().err

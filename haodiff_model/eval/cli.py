@@ -156,18 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    if args.detector is not None:
-        try:
-            from haodiff_data.detect import hmbr  # noqa: F401 - only probing availability
-        except ImportError:
-            raise ValueError("--detector: HMB-R needs the HMB detector (haodiff_data.detect), which this version "
-                             "does not have yet") from None
-        raise ValueError("--detector: HMB-R reporting is not wired into haodiff-eval yet")
-    if args.reference is None:
-        raise ValueError("--reference is needed: the full-reference metrics are the only ones without --detector")
+    if args.reference is None and args.detector is None:
+        raise ValueError("nothing to measure: give --reference (full-reference metrics) and/or --detector (HMB-R)")
+    if args.detector is not None and args.inputs is None:
+        raise ValueError("--detector needs --inputs: HMB-R compares detections on the restored images with "
+                         "detections on their inputs")
     if (args.vgg16 is None) != (args.dists_weights is None):
         raise ValueError("DISTS needs both --vgg16 and --dists-weights")
     out = args.out or args.restored.parent / f"{args.restored.name}-eval"
+    hmbr = None
+    if args.detector is not None:
+        from haodiff_data.detect.hmbr import compute_hmbr  # ultralytics (AGPL-3.0) only when asked for
+
+        hmbr = compute_hmbr(args.inputs, args.restored, args.detector, device=args.device,
+                            progress=not args.no_progress)
+        hmbr.write(out)
+        print(f"haodiff-eval: {hmbr.summary_line()}; wrote {out / 'hmbr.json'}")
+        if args.reference is None:
+            return EXIT_OK
     restored = index_images(args.restored, exclude=out)
     reference = index_images(args.reference)
     names = pair_up(restored, reference)
@@ -200,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                 "lpips": f"{args.lpips_net} ({args.lpips_backbone})" if lp is not None else None,
                 "dists": str(args.dists_weights) if dists is not None else None}
     report = {"settings": settings, "count": len(names), "mean": mean,
-              "per_image": [{"image": n, **r} for n, r in zip(names, rows)]}
+              "per_image": [{"image": n, **r} for n, r in zip(names, rows)],
+              "hmbr": hmbr.to_dict() if hmbr is not None else None}
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
     os.replace(tmp, out / "metrics.json")
@@ -228,10 +235,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from haodiff_data.detect.yolo import DetectorError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, DetectorError) as exc:
         print(f"haodiff-eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
