@@ -157,7 +157,7 @@ def test_focal_bce_and_bounded_logits() -> None:
     assert parts["bce"].item() == pytest.approx(0.5 * focal_bce_loss(bounded, target).item(), rel=1e-6)
     assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
     assert stage1_loss(z, z, logits, z, z, target, PAPER_LOSS)[1]["bce"].item() == 0.0  # the paper has no BCE
-    with pytest.raises(ValueError, match="mask_logit_bound=0"):
+    with pytest.raises(ValueError, match="mask_logit_bound must be null or > 0"):
         Stage1Loss(mask_logit_bound=0)
 
 

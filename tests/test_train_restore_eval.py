@@ -58,7 +58,7 @@ def test_train_then_restore_then_eval_without_retyping_the_architecture(tmp_path
             "pin_memory": False}
     dpg_out = tmp_path / "dpg"
     train_dpg(TrainDPGConfig.from_dict({
-        "model": DPG, "data": data, "train": {"max_steps": 2, "device": "cpu"}, "val": {"samples": 2, "every": 2},
+        "dpg": DPG, "data": data, "train": {"max_steps": 2, "device": "cpu"}, "val": {"samples": 2, "every": 2},
         "output": {"dir": str(dpg_out), "log_every": 1, "ckpt_every": 2}}), log=lambda _: None)
     assert read_dpg_sidecar(dpg_out / "dpg.pth")["embed_dim"] == 12
 
