@@ -351,3 +351,12 @@ def test_train_predict_hmbr_end_to_end_without_network(dataset, tmp_path):
     assert result["hmbr"] == 1.0
     assert [c["conf"] for c in result["curve"]] == [0.001, 0.01]
     assert cv2.imread(str(tmp_path / "hmbr" / "hmbr_sheet.png")) is not None
+
+    # haodiff-eval --detector reports the same HMB-R through the same function (HMB-R alone: no reference)
+    from haodiff_model.eval.cli import main as eval_main
+
+    assert eval_main(["--restored", str(restored), "--inputs", str(inputs), "--detector", str(run / "best.pt"),
+                      "--detector-imgsz", "64", "--hmbr-conf", "0.001", "--out", str(tmp_path / "eval"),
+                      "--no-progress"]) == 0
+    via_eval = json.loads((tmp_path / "eval" / "hmbr.json").read_text())
+    assert via_eval["hmbr"] == 1.0 and via_eval["input_detections"] == result["input_detections"]

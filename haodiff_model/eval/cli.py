@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg16", type=Path, default=None, help="torchvision VGG16 weights for DISTS")
     p.add_argument("--dists-weights", type=Path, default=None, help="DISTS alpha/beta weights.pt")
     p.add_argument("--detector", type=Path, default=None, help="HMB detector weights: also report HMB-R")
+    p.add_argument("--hmbr-conf", type=float, default=None,
+                   help="confidence threshold of the headline HMB-R (default: haodiff-data hmbr's)")
+    p.add_argument("--detector-imgsz", type=int, default=512, help="detector input size (default 512)")
     p.add_argument("--sheet-rows", type=int, default=3, help="worst and best images shown in the sheet (each)")
     p.add_argument("--sort-by", default=None, help="metric ranking the sheet (default: lpips if computed, else psnr)")
     p.add_argument("--device", default="cpu")
@@ -168,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
     if args.detector is not None:
         from haodiff_data.detect.hmbr import compute_hmbr  # ultralytics (AGPL-3.0) only when asked for
 
-        hmbr = compute_hmbr(args.inputs, args.restored, args.detector, device=args.device,
-                            progress=not args.no_progress)
+        conf = {} if args.hmbr_conf is None else {"conf": args.hmbr_conf}
+        hmbr = compute_hmbr(args.inputs, args.restored, args.detector, imgsz=args.detector_imgsz,
+                            device=args.device, progress=not args.no_progress, **conf)
         hmbr.write(out)
         print(f"haodiff-eval: {hmbr.summary_line()}; wrote {out / 'hmbr.json'}")
         if args.reference is None:
