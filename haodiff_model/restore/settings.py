@@ -99,13 +99,18 @@ def write_settings(folder: str | Path, settings: InferenceSettings) -> Path:
 def read_settings(folder: str | Path) -> InferenceSettings | None:
     """The folder's settings, or None for a folder without `haodiff.json` (official release)."""
     path = Path(folder) / SETTINGS_FILE
+    data = _read_json(path)
+    return None if data is None else InferenceSettings.from_dict(data, str(path))
+
+
+def _read_json(path: Path) -> Any:
+    """The file's JSON, or None when there is no such file; an unreadable one is a SettingsError."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SettingsError(f"{path}: unreadable ({exc})") from exc
-    return InferenceSettings.from_dict(data, str(path))
 
 
 def diff_keys(expected: Mapping[str, Any], actual: Mapping[str, Any], prefix: str) -> list[str]:
@@ -135,13 +140,10 @@ def write_dpg_sidecar(dpg_path: str | Path, swinir_kwargs: Mapping[str, Any]) ->
 def read_dpg_sidecar(dpg_path: str | Path) -> dict[str, Any] | None:
     """The stage-1 architecture stored beside a DPG checkpoint, or None when there is none."""
     path = dpg_sidecar(dpg_path)
-    if not path.is_file():
+    data = _read_json(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SettingsError(f"{path}: unreadable ({exc})") from exc
-    if data.get("format") != DPG_FORMAT or data.get("version") != FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format") != DPG_FORMAT or data.get("version") != FORMAT_VERSION:
         raise SettingsError(f"{path}: not a {DPG_FORMAT} v{FORMAT_VERSION} file")
     if not isinstance(data.get("swinir_kwargs"), dict):
         raise SettingsError(f"{path}: no swinir_kwargs mapping")
