@@ -17,3 +17,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def no_onednn() -> Iterator[None]:
+    """oneDNN compiles kernels per new conv shape (seconds each on busy cores); native kernels don't.
+    Modules with many differently shaped convs opt in with `pytest.mark.usefixtures("no_onednn")`."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = previous

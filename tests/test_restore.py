@@ -25,16 +25,8 @@ from haodiff_model.restore.tiling import (  # noqa: E402
 )
 
 ASSETS = Path(__file__).resolve().parent.parent / "haodiff_data" / "assets"
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_onednn")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def no_onednn():
-    """oneDNN compiles kernels per new conv shape (seconds each on busy cores); native kernels don't."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = previous
 
 
 @pytest.fixture(scope="module")

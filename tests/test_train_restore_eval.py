@@ -27,15 +27,8 @@ from haodiff_model.train.osd import train as train_osd  # noqa: E402
 SIZE = 32
 DPG = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [3, 3, 2, 2], "window_size": 8,
        "drop_path_rate": 0.0}
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_onednn")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def no_onednn():
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = previous
 
 
 def _shards(root: Path) -> Path:
