@@ -28,7 +28,6 @@ ASSETS = Path(__file__).resolve().parent.parent / "haodiff_data" / "assets"
 pytestmark = pytest.mark.usefixtures("one_thread", "no_onednn")
 
 
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return write_tiny_folders(tmp_path_factory.mktemp("restore"))

@@ -30,7 +30,6 @@ DPG = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [
 pytestmark = pytest.mark.usefixtures("one_thread", "no_onednn")
 
 
-
 def _shards(root: Path) -> Path:
     rng = np.random.default_rng(0)
     folder = root / "shards"
