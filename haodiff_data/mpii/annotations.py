@@ -134,7 +134,7 @@ def read_annotations(path: str | Path) -> list[MPIIImage]:
     path = Path(path)
     try:
         mat = loadmat(str(path), struct_as_record=False, squeeze_me=True)
-    except (OSError, ValueError, NotImplementedError) as exc:
+    except (OSError, ValueError, NotImplementedError) as exc:  # scipy raises NotImplementedError for v7.3 (HDF5) files
         raise AnnotationError(f"{path}: not a readable MATLAB file ({exc})") from None
     release = mat.get("RELEASE")
     if release is None or "annolist" not in getattr(release, "_fieldnames", ()):
