@@ -139,7 +139,7 @@ class GenericConfig:
 @dataclass(frozen=True)
 class ShardConfig:
     samples_per_shard: int = 1000
-    png_compression: int = 1
+    png_compression: int = 2
 
 
 @dataclass(frozen=True)
@@ -290,8 +290,8 @@ def validate(recipe: Recipe) -> Recipe:
     if scale > 1 and not final.resize_back:
         raise RecipeError("generic.final.resize_back must be true when generic.scale > 1 (LQ and HQ share a size)")
     _at_least(recipe.shards.samples_per_shard, 1, "shards.samples_per_shard")
-    if not 0 <= recipe.shards.png_compression <= 9:
-        _fail("shards.png_compression", "a zlib level in [0, 9]", recipe.shards.png_compression)
+    if not 0 <= recipe.shards.png_compression <= 3:
+        _fail("shards.png_compression", "an ISA-L deflate level in [0, 3]", recipe.shards.png_compression)
     return recipe
 
 

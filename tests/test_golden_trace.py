@@ -80,7 +80,7 @@ def stage1_config(shards: Path, out: Path) -> dict:
         "dpg": DPG_ARCH,
         "model": {"init_weights": None},
         "loss": {"dice_weight": 0.02, "dice_reduction": "sample", "dice_smooth": 1.0, "bce_weight": 0.0,
-                 "focal_gamma": 0.0, "mask_logit_bound": None},
+                 "focal_gamma": 0.0, "bce_pos_weight": 1.0, "mask_logit_bound": None},
         "data": _data(str(shards), 2),
         "train": {"max_steps": 5, "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                   "scheduler": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "grad_clip": 1.0,

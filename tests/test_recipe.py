@@ -97,6 +97,7 @@ def test_missing_recipe_names_path():
     ("generic:\n  scale: 3\n", "crop.size", "of generic.scale (3)"),
     ("generic:\n  first:\n    resize:\n      modes: [area, nearest]\n", "generic.first.resize.modes", "resize modes"),
     ("shards:\n  samples_per_shard: 0\n", "shards.samples_per_shard", "an integer >= 1"),
+    ("shards:\n  png_compression: 9\n", "shards.png_compression", "an ISA-L deflate level in [0, 3]"),
 ])
 def test_values_the_pipeline_cannot_use_are_named(tmp_path, yaml_text, key, expected):
     path = tmp_path / "bad.yaml"

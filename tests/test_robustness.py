@@ -132,8 +132,10 @@ def test_degrade_records_a_truncated_shard_and_names_itself(small_run, tmp_path,
     shards = tmp_path / "in"
     shards.mkdir()
     (shards / "a.tar").write_bytes((small_run / "haodiff-r000-000000.tar").read_bytes())
-    cut = (small_run / "haodiff-r000-000001.tar").read_bytes()
-    (shards / "b.tar").write_bytes(cut[: len(cut) // 2])
+    whole = small_run / "haodiff-r000-000001.tar"
+    with tarfile.open(whole) as tar:
+        third_data = tar.getmembers()[2].offset_data
+    (shards / "b.tar").write_bytes(whole.read_bytes()[: third_data + 100])  # cut inside a member
     out = tmp_path / "out"
     assert main(["degrade", str(shards), "--out", str(out), *BASE]) == 3
     err = capsys.readouterr().err

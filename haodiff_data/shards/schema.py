@@ -20,11 +20,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+from isal import igzip, isal_zlib
 
 SCHEMA_VERSION = 1
 MEMBERS = ("hq.png", "lq.png", "mask.png", "residual.npy.gz", "parts.png", "json")
@@ -59,28 +62,50 @@ def residual(hq: np.ndarray, lq: np.ndarray) -> np.ndarray:
     return lq.astype(np.int16) - hq.astype(np.int16)
 
 
-def encode_png(image: np.ndarray, compression: int = 1, labels: bool = False) -> bytes:
-    """PNG bytes of an RGB or single-channel uint8 image (zlib level ``compression``); ``labels``
-    for label maps and masks (few values, long runs)."""
+# PNG filter type bytes (PNG spec section 9.2).
+_FILTER_NONE, _FILTER_AVERAGE = 0, 3
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(image: np.ndarray, compression: int = 2, labels: bool = False) -> bytes:
+    """PNG bytes of an RGB or single-channel uint8 image; ``compression`` is the ISA-L deflate level
+    (0 fastest .. 3 smallest), ``labels`` for label maps and masks (few values, long runs).
+
+    Written here rather than by OpenCV for speed, which the shard writer's share of a sample is
+    mostly made of: the rows are filtered with numpy and deflated by ISA-L, 2-5x faster than
+    libpng + zlib at the same size. Photos get the Average filter, computed on whole arrays (it
+    reads only unfiltered neighbours, so no row waits for another); label maps none, their runs
+    deflate well as they are. Any PNG reader decodes the same pixels; the bytes are reproducible for
+    one ISA-L build and CPU family (ISA-L picks its kernels by CPU features).
+    """
     if image.dtype != np.uint8:
         raise ValueError(f"PNG members must be uint8, got {image.dtype}")
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    if labels:
-        # No filter, run-length coding: on the bundled astronaut's part map 0.4 ms and 3 kB, against
-        # 1.7 ms and 34 kB with the photo settings below (CPU time, shared machine).
-        strategy, png_filter = cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER_NONE
+    if image.ndim == 2:
+        channels, colour_type = 1, 0  # greyscale
+    elif image.ndim == 3 and image.shape[2] == 3:
+        channels, colour_type = 3, 2  # truecolour
     else:
-        # One fixed PNG filter (Average) then Huffman-only coding: on the bundled astronaut 7.5 ms and
-        # 453 kB, against 16.9 ms and 464 kB for zlib level 1 with adaptive filters. Photos gain little
-        # from LZ77 matching once filtered, and trying every filter per row doubles the time.
-        strategy, png_filter = cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, cv2.IMWRITE_PNG_FILTER_AVG
-    params = [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_STRATEGY, strategy,
-              cv2.IMWRITE_PNG_FILTER, png_filter]
-    ok, buf = cv2.imencode(".png", image, params)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
+        raise ValueError(f"PNG members are HxW or HxWx3, got shape {image.shape}")
+    height, width = image.shape[:2]
+    flat = np.ascontiguousarray(image).reshape(height, width * channels)
+    rows = np.empty((height, width * channels + 1), np.uint8)
+    if labels:
+        rows[:, 0] = _FILTER_NONE
+        rows[:, 1:] = flat
+    else:
+        # Average: x - floor((left + up) / 2), left/up = 0 outside the image, modulo 256
+        wide = flat.astype(np.int16)
+        neighbours = np.zeros_like(wide)
+        neighbours[:, channels:] = wide[:, :-channels]
+        neighbours[1:] += wide[:-1]
+        rows[:, 0] = _FILTER_AVERAGE
+        rows[:, 1:] = wide - (neighbours >> 1)  # the uint8 cast wraps modulo 256, as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", isal_zlib.compress(rows, compression)), _png_chunk(b"IEND", b"")))
 
 
 def decode_png(data: bytes, channels: int, where: str = "member") -> np.ndarray:
@@ -95,9 +120,11 @@ def decode_png(data: bytes, channels: int, where: str = "member") -> np.ndarray:
 
 
 def encode_residual(residual: np.ndarray) -> bytes:
+    """.npy in gzip (mtime 0), deflated by ISA-L at level 1: 4 ms instead of zlib's 15-20 ms for
+    the 1.5 MB of a 512x512 residual, within 3 % of its size; any gzip reader opens it."""
     raw = io.BytesIO()
     np.save(raw, residual.astype(np.int16), allow_pickle=False)
-    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+    return igzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
 
 
 def decode_residual(data: bytes) -> np.ndarray:
@@ -111,7 +138,7 @@ def encode_sample(
     mask: np.ndarray,
     parts: np.ndarray,
     meta: dict[str, Any],
-    png_compression: int = 1,
+    png_compression: int = 2,
     persons: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """A WebDataset sample dict (``__key__`` + member bytes) for one synthesized pair."""
