@@ -3,6 +3,7 @@ config parses, missing paths are named, a few steps reduce the loss on a fixed b
 reproduces the uninterrupted one bit for bit, and the exported official files load back."""
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from haodiff_model.nets.prompt import PromptEmbedderConfig  # noqa: E402
 from haodiff_model.nets.restorer import SD21_BASE_SCHEDULER_CONFIG  # noqa: E402
 from haodiff_model.nets.sdxl_cond import load_sdxl_conditioner  # noqa: E402
 from haodiff_model.train.distributed import DistContext  # noqa: E402
-from haodiff_model.train.osd import train  # noqa: E402
+from haodiff_model.train.osd import OUTPUT_FILES, train  # noqa: E402
 from haodiff_model.train.osd_build import build_parts  # noqa: E402
 from haodiff_model.train.osd_config import TrainOSDConfig  # noqa: E402
 from haodiff_model.train.osd_step import Stage2Step, export_official  # noqa: E402
@@ -189,6 +190,16 @@ def test_resume_reproduces_the_uninterrupted_run_and_exports_load(files, tmp_pat
     val = [r["val/loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "val/loss" in r]
     assert val == [r["val/loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val/loss" in r]
     assert len(val) == 2 and (tmp_path / "resumed" / "val" / "step-00000004.png").is_file()
+    # restoration metrics at each validation, overall and per kind; the best by val/lpips kept (across the resume)
+    records = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "val/loss" in r]
+    for r in records:
+        assert all(0 <= r[k] for k in ("val/psnr", "val/lpips", "val/dists")) and r["val/psnr"] < 100
+        assert any(k.startswith(("val/hmb/", "val/generic/", "val/clean/")) for k in r)
+    best = min(records, key=lambda r: r["val/lpips"])
+    best_dir = tmp_path / "resumed" / "best"
+    assert json.loads((best_dir / "best.json").read_text()) == {"step": best["step"], "metric": "val/lpips",
+                                                                 "value": best["val/lpips"]}
+    assert all((best_dir / name).is_file() for name in OUTPUT_FILES)
     resumed_dir = tmp_path / "resumed"
     assert torch.equal(torch.load(resumed_dir / "img_encoder_weights.pth")["model_state_dict"][
         "main_performer.linear_embed.weight"], torch.load(enc_file)["model_state_dict"][

@@ -17,7 +17,6 @@ a 16-bit RGB PNG is silently truncated to 8 bits by PIL, so it is a compressed i
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import struct
@@ -128,7 +127,7 @@ def encode_residual(residual: np.ndarray) -> bytes:
 
 
 def decode_residual(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(gzip.decompress(data)), allow_pickle=False)
+    return np.load(io.BytesIO(igzip.decompress(data)), allow_pickle=False)
 
 
 def encode_sample(

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from haodiff_model.config import RunConfig
+from haodiff_model.eval.metrics import batch_psnr, mask_dice_iou
 from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights, save_dpg
 from haodiff_model.losses.losses import Stage1Loss, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
@@ -204,16 +205,42 @@ def validation_grid(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Ten
     return image_grid(rows)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> [0, 1], clipped as a saved image would be."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def head_metrics(batch: Mapping[str, torch.Tensor], preds: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Each head on its own, against what it must beat (all means over the batch):
+    psnr_lq (the input's), psnr_hq_head, psnr_lq_minus_res (LQ - residual head), on [0, 1] images;
+    mask_dice / mask_iou on the samples with HMB in view (nan without one) and mask_pos_rate_no_hmb,
+    the fraction of pixels called HMB where there is none (nan without such a sample)."""
+    hq_pred, res_pred, logits = (p.detach().float().cpu() for p in preds)
+    hq, lq, mask = batch["hq"], batch["lq"], batch["mask"]
+    out = {
+        "psnr_lq": batch_psnr(_unit(lq), _unit(hq)).mean().item(),
+        "psnr_hq_head": batch_psnr(_unit(hq_pred), _unit(hq)).mean().item(),
+        "psnr_lq_minus_res": batch_psnr(_unit(lq - res_pred), _unit(hq)).mean().item(),
+    }
+    has_hmb = mask.flatten(1).amax(dim=1) > 0.5
+    dice, iou = mask_dice_iou(logits, mask)
+    out["mask_dice"] = dice[has_hmb].mean().item() if has_hmb.any() else math.nan
+    out["mask_iou"] = iou[has_hmb].mean().item() if has_hmb.any() else math.nan
+    out["mask_pos_rate_no_hmb"] = (logits[~has_hmb] > 0).float().mean().item() if (~has_hmb).any() else math.nan
+    return out
+
+
 @torch.no_grad()
 def validate(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_cfg: Stage1Loss,
              amp_dtype: torch.dtype | None, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
-    """Loss and image grid on the fixed held-out batch, in eval mode."""
+    """Loss terms, per-head metrics (`head_metrics`) and the image grid on the fixed held-out batch, in eval mode."""
     model.eval()
     try:
         loss, parts, preds = dpg_forward_loss(model, batch, loss_cfg, amp_dtype, device)
     finally:
         model.train()
-    metrics = {"val/loss": loss.item(), **{f"val/{k}": v.item() for k, v in parts.items()}}
+    metrics = {"val/loss": loss.item(), **{f"val/{k}": v.item() for k, v in parts.items()},
+               **{f"val/{k}": v for k, v in head_metrics(batch, preds).items()}}
     return metrics, validation_grid(batch, preds)
 
 
@@ -311,7 +338,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
                 run.say(f"WARNING step {step}: {warning}")
         with meter.paused():
             if val_batch is not None and (step % cfg.val.every == 0 or last):
-                run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device))
+                run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device), write_outputs)
             if step % cfg.output.ckpt_every == 0 or last:
                 run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed)
     weights = run.finish(step, [DPG_WEIGHTS, dpg_sidecar(DPG_WEIGHTS).name], write_outputs, loader)[0]
@@ -326,4 +353,4 @@ def main_dpg(args: argparse.Namespace) -> int:
 
 
 __all__ = ["DPG_WEIGHTS", "HEAD_STATS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss", "dpg_train_step",
-           "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]
+           "head_metrics", "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -41,12 +42,31 @@ _STREAM_NEUTRAL = ("max_failures", "timeout_s", "pin_memory")
 @dataclass(frozen=True)
 class ValSettings:
     urls: tuple[str, ...] = ()
-    samples: int = 4
+    samples: int = 6
     every: int = 1000
+    scan: int = 64
+    best_metric: str | None = None
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.every < 0:
-            raise ValueError(f"invalid samples={self.samples!r} (>= 1) or every={self.every!r} (>= 0, 0 = off)")
+        if self.samples < 1 or self.every < 0 or self.scan < self.samples:
+            raise ValueError(f"invalid samples={self.samples!r} (>= 1), every={self.every!r} (>= 0, 0 = off) or "
+                             f"scan={self.scan!r} (>= samples)")
+        if self.best_metric is not None and best_direction(self.best_metric) == 0:
+            raise ValueError(f"best_metric={self.best_metric!r}: say whether higher or lower is better by its name "
+                             f"(one of {', '.join(HIGHER_IS_BETTER + LOWER_IS_BETTER)} in it), or null")
+
+
+# Validation metric names by the direction that is better; a name containing one of these is judged by it.
+HIGHER_IS_BETTER = ("psnr", "ssim", "dice", "iou")
+LOWER_IS_BETTER = ("lpips", "dists", "loss", "l1", "mse")
+
+
+def best_direction(metric: str) -> int:
+    """+1 when a higher value of `metric` is better, -1 when lower, 0 when its name does not say."""
+    name = metric.removeprefix("val/")
+    if any(k in name for k in HIGHER_IS_BETTER):
+        return 1
+    return -1 if any(k in name for k in LOWER_IS_BETTER) else 0
 
 
 @dataclass(frozen=True)
@@ -106,11 +126,38 @@ def build_train_loader(cfg: Any, train_urls: list[str], ctx: DistContext, start_
     return make_loader(dataclasses.replace(cfg.data, urls=train_urls), ctx.rank, ctx.world_size, start_step)
 
 
+VAL_KINDS = ("hmb", "generic", "clean")
+
+
+def sample_kind(mask: torch.Tensor, residual: torch.Tensor) -> str:
+    """hmb: an HMB mask in view; clean: LQ == HQ; generic: any other degradation."""
+    if mask.any():
+        return "hmb"
+    return "clean" if not residual.any() else "generic"
+
+
 def load_val_batch(cfg: Any, val_urls: list[str]) -> dict[str, Any]:
-    """The fixed validation batch: the first `val.samples` samples of the held-out stream (same for any world size)."""
-    val_cfg = dataclasses.replace(cfg.data, urls=val_urls, batch_size=cfg.val.samples, num_workers=0,
-                                  epoch_length=1, shuffle_buffer=cfg.val.samples, pin_memory=False)
-    return next(iter(make_loader(val_cfg)))
+    """The fixed validation batch (the same for any world size): `val.samples` samples taken in turn
+    from each kind (HMB in view, other degradation, clean) among the first `val.scan` samples of the
+    held-out stream, so that a small set does not miss a kind that set contains. `kind` lists them."""
+    scan_cfg = dataclasses.replace(cfg.data, urls=val_urls, batch_size=1, num_workers=0, epoch_length=cfg.val.scan,
+                                   shuffle_buffer=cfg.val.samples, pin_memory=False)
+    by_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in VAL_KINDS}
+    for sample in make_loader(scan_cfg):
+        kind = sample_kind(sample["mask"], sample["residual"])
+        if len(by_kind[kind]) < cfg.val.samples:
+            by_kind[kind].append(sample)
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    while len(chosen) < cfg.val.samples and any(by_kind.values()):
+        for kind in VAL_KINDS:
+            if by_kind[kind] and len(chosen) < cfg.val.samples:
+                chosen.append((kind, by_kind[kind].pop(0)))
+    if not chosen:
+        raise ConfigError(f"val.urls: no readable sample in the held-out shards {val_urls}")
+    batch: dict[str, Any] = {k: torch.cat([s[k] for _, s in chosen]) for k in ("hq", "lq", "residual", "mask")}
+    batch["key"] = [s["key"][0] for _, s in chosen]
+    batch["kind"] = [kind for kind, _ in chosen]
+    return batch
 
 
 def stream_settings(data: ShardStreamConfig, train_urls: list[str]) -> dict[str, Any]:
@@ -277,14 +324,35 @@ class Run:
         self.metrics.log(step, metrics)
         self.say(line)
 
-    def log_validation(self, step: int, metrics: Mapping[str, float], grid: np.ndarray) -> None:
-        """Validation losses (val/loss among them) and the image grid (rank 0)."""
+    def log_validation(self, step: int, metrics: Mapping[str, float], grid: np.ndarray,
+                       write_outputs: Callable[[Path], Any]) -> None:
+        """Validation metrics and the image grid (rank 0); with `val.best_metric`, the official files
+        of the best validation so far go to best/ (best.json says its step and value)."""
         self.metrics.log(step, metrics)
         save_png(self.out / "val" / f"step-{step:08d}.png", grid)
         self.metrics.log_image("val/grid", step, grid)
         self.metrics.flush()
         self._plot()
-        self.say(f"step {step}  val loss {metrics['val/loss']:.4f}")
+        shown = "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items())
+        self.say(f"step {step}  val  {shown}")
+        metric = self.cfg.val.best_metric
+        if metric is None:
+            return
+        if metric not in metrics:
+            raise ConfigError(f"val.best_metric={metric!r} is not among this stage's validation metrics: "
+                              f"{', '.join(sorted(metrics))}")
+        best_file = self.out / "best" / "best.json"
+        best = json.loads(best_file.read_text()) if best_file.is_file() else None
+        value = metrics[metric]
+        if best is None or (value - best["value"]) * best_direction(metric) > 0:
+            staging = self.out / "best.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            write_outputs(staging)
+            (staging / "best.json").write_text(json.dumps({"step": step, "metric": metric, "value": value}))
+            shutil.rmtree(self.out / "best", ignore_errors=True)
+            staging.rename(self.out / "best")
+            self.say(f"step {step}  new best {metric} {value:.4f} -> {self.out / 'best'}")
 
     def _plot(self) -> None:
         plot_metrics(self.out / METRICS_FILE, self.out / "loss.png", self.plot_keys)
@@ -331,6 +399,6 @@ class Run:
         return files
 
 
-__all__ = ["OutputSettings", "Run", "TrainMeter", "ValSettings", "autocast_dtype", "batches",
-           "build_train_loader", "load_val_batch", "restore_rngs", "run_from_args", "split_holdout",
-           "stream_settings"]
+__all__ = ["HIGHER_IS_BETTER", "LOWER_IS_BETTER", "OutputSettings", "Run", "TrainMeter", "VAL_KINDS", "ValSettings",
+           "autocast_dtype", "batches", "best_direction", "build_train_loader", "load_val_batch", "restore_rngs",
+           "run_from_args", "sample_kind", "split_holdout", "stream_settings"]

@@ -14,7 +14,8 @@ checkpointing, optional EMA of the generator's trainable weights (LoRA + prompt 
 The Performer projections are redrawn on performer-pytorch's schedule from a generator shared by
 all ranks.
 
-Outputs under output.dir: metrics.jsonl, tb/, val/step-*.png (LQ | restored | HQ rows), loss.png,
+Outputs under output.dir: metrics.jsonl (validation: losses, PSNR / LPIPS / DISTS overall and per kind of
+sample), tb/, val/step-*.png (LQ | restored | HQ rows), loss.png, best/ (with val.best_metric),
 config.yaml, checkpoints/step-*/{state.pt, img_encoder_weights.pth, pytorch_lora_weights.safetensors}
 and, at the end, the two official files in output.dir (EMA weights when EMA is on). The official
 inference code loads them as they are (model_spec A.4, A.7).
@@ -38,12 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from haodiff_model.eval.metrics import batch_psnr, load_lpips
 from haodiff_model.io.official import IMG_ENCODER_FILE, LORA_FILE, CheckpointMismatchError
 from haodiff_model.losses.losses import stage2_loss
 from haodiff_model.restore.settings import SETTINGS_FILE
 from haodiff_model.train.distributed import DistContext, init_distributed
 from haodiff_model.train.loop import (
-    Run, TrainMeter, batches, build_train_loader, load_val_batch, restore_rngs, run_from_args, split_holdout,
+    VAL_KINDS, Run, TrainMeter, batches, build_train_loader, load_val_batch, restore_rngs, run_from_args,
+    split_holdout,
 )
 from haodiff_model.train.osd_build import build_parts, load_trainable_state, trainable_state
 from haodiff_model.train.osd_config import VAL_STREAM, TrainOSDConfig, resolve_paths
@@ -96,8 +99,11 @@ def restore(step: Stage2Step, state: Mapping[str, Any]) -> int:
 
 
 @torch.no_grad()
-def validate(step: Stage2Step, batch: Mapping[str, torch.Tensor], seed: int) -> tuple[dict[str, float], np.ndarray]:
-    """Losses and an LQ | restored | HQ grid on the fixed held-out batch (EMA weights if on)."""
+def validate(step: Stage2Step, batch: Mapping[str, Any], seed: int, lpips: nn.Module
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """Losses, PSNR / LPIPS (VGG) / DISTS of the restored images (means over the batch, and per kind
+    of sample: val/<kind>/<metric> for hmb, generic, clean) and an LQ | restored | HQ grid, on the
+    fixed held-out batch (EMA weights if on)."""
     rng = torch.Generator(device=step.ctx.device).manual_seed(derive_seed(seed, VAL_STREAM))
     with step.ema_weights():
         out = step.restore(batch["lq"], rng)
@@ -106,6 +112,16 @@ def validate(step: Stage2Step, batch: Mapping[str, torch.Tensor], seed: int) -> 
         _, parts = stage2_loss(out.image, hq, step.ea_dists)
     metrics = {"val/loss": float(sum(v.item() for v in parts.values())),
                **{f"val/{k}": v.item() for k, v in parts.items()}}
+    restored, reference = ((x.float() + 1) / 2 for x in (out.image.clamp(-1, 1), hq))
+    scores = {"psnr": batch_psnr(restored, reference), "lpips": lpips(restored, reference, normalize=True).flatten(),
+              "dists": step.ea_dists.dists(restored, reference, reduction="none")}
+    kinds = np.array(batch["kind"])
+    for name, per_image in scores.items():
+        per_image = per_image.float().cpu()
+        metrics[f"val/{name}"] = per_image.mean().item()
+        for kind in VAL_KINDS:
+            if (kinds == kind).any():
+                metrics[f"val/{kind}/{name}"] = per_image[torch.from_numpy(kinds == kind)].mean().item()
     rows = [[to_rgb_uint8(batch["lq"][i]), to_rgb_uint8(out.image[i]), to_rgb_uint8(batch["hq"][i])]
             for i in range(out.image.shape[0])]
     return metrics, image_grid(rows)
@@ -148,6 +164,8 @@ def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] 
         run.check_data_settings(state, train_urls)
     loader = build_train_loader(cfg, train_urls, ctx, step)
     val_batch = load_val_batch(cfg, val_urls) if ctx.is_main and cfg.val.every else None
+    # LPIPS on the VGG16 weights DISTS already reads: no other file to find
+    lpips = load_lpips("vgg", cfg.loss.vgg16_weights).to(ctx.device) if val_batch is not None else None
     run.start(step, resumed=state is not None)
 
     def write_outputs(folder: Path) -> None:
@@ -173,7 +191,7 @@ def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] 
             run.log_train(step, metrics, _summary(step, t.max_steps, metrics))
         with meter.paused():
             if val_batch is not None and (step % cfg.val.every == 0 or last):
-                run.log_validation(step, *validate(step_fn, val_batch, t.seed))
+                run.log_validation(step, *validate(step_fn, val_batch, t.seed, lpips), write_outputs)
             if step % cfg.output.ckpt_every == 0 or last:
                 run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed(step_fn))
     encoder_file, lora_file, _ = run.finish(step, OUTPUT_FILES, write_outputs, loader)

@@ -116,7 +116,7 @@ class TrainOSDConfig(RunConfig):
     loss: LossSettings = field(default_factory=LossSettings)
     data: ShardStreamConfig = field(default_factory=lambda: ShardStreamConfig(batch_size=2))
     train: TrainSettings = field(default_factory=TrainSettings)
-    val: ValSettings = field(default_factory=lambda: ValSettings(samples=2))
+    val: ValSettings = field(default_factory=lambda: ValSettings(samples=6, best_metric="val/lpips"))
     output: OutputSettings = field(default_factory=lambda: OutputSettings(dir="runs/osd"))
 
 
