@@ -71,7 +71,10 @@ def test_fast_attention_matches_the_formula(nb_features):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     # gradients too (stage-2 training back-propagates through the feature map)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-    (fa(torch.stack([qg, kg]), vg) * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+    trained = fa(torch.stack([qg, kg]), vg)
+    # one memory layout, with and without autograd: (B, N, H, D), so merging the heads is a view
+    assert ours.transpose(1, 2).is_contiguous() and trained.transpose(1, 2).is_contiguous()
+    (trained * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
     (ref_favor(qr, kr, vr, fa.projection_matrix) * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
     for a, b in ((qg, qr), (kg, kr), (vg, vr)):

@@ -69,10 +69,11 @@ def uptime() -> str:
 # ----------------------------------------------------------------------------- data
 
 
-def hmb_recipe(name: str, p_hmb: float) -> dict[str, Any]:
-    """The recipe `name` with the first order drawn as HMB with probability p_hmb, the rest split
-    1:2 between none and generic (samples without HMB are needed to see what the mask head says there)."""
-    recipe = load_recipe(name)
+def hmb_recipe(name: str, p_hmb: float, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The recipe `name` (with `overrides`) with the first order drawn as HMB with probability p_hmb,
+    the rest split 1:2 between none and generic (samples without HMB are needed to see what the mask
+    head says there)."""
+    recipe = load_recipe(name, overrides)
     rest = 1.0 - p_hmb
     first = dataclasses.replace(recipe.first_order, p_hmb=p_hmb, p_none=rest / 3, p_generic=2 * rest / 3)
     return dataclasses.replace(recipe, first_order=first).to_dict()
@@ -94,7 +95,7 @@ def build_data(args: argparse.Namespace) -> tuple[Path, Path]:
     if len(held) != 1:
         raise SystemExit(f"--holdout {args.holdout!r} must name exactly one photo (by stem) of {photos}")
     train_photos = [p for p in photos if p not in held]
-    recipe = hmb_recipe(args.recipe, args.p_hmb)
+    recipe = hmb_recipe(args.recipe, args.p_hmb, args.recipe_set)
     key = json.dumps([recipe, [Path(p).name for p in photos], args.holdout, args.k_train, args.k_heldout,
                       args.data_seed], sort_keys=True)
     folder = Path(args.data_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -109,7 +110,7 @@ def build_data(args: argparse.Namespace) -> tuple[Path, Path]:
         done.write_text(json.dumps({"recipe": args.recipe, "p_hmb": args.p_hmb, "train": train_photos,
                                     "heldout": held}, indent=1))
     print(f"data: {folder} (train: {len(train_photos)} photo(s) x {args.k_train}, held out: {held[0]} x "
-          f"{args.k_heldout}, recipe {args.recipe} with p_hmb {args.p_hmb})", flush=True)
+          f"{args.k_heldout}, recipe {args.recipe} {' '.join(args.recipe_set)} with p_hmb {args.p_hmb})", flush=True)
     return folder / "train", folder / "heldout"
 
 
@@ -229,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m haodiff_model.bench.learn", description=__doc__.split("\n\n")[0])
     ap.add_argument("photos", nargs="*", help="more photos of people, added to the bundled ones")
     ap.add_argument("--recipe", default="haodiff", help="degradation recipe name or YAML (default: haodiff)")
+    ap.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override, e.g. generic.scale=1 (repeatable; tells data limits from model limits)")
     ap.add_argument("--p-hmb", type=float, default=0.7, help="first-order HMB probability (default: 0.7)")
     ap.add_argument("--holdout", default="astronaut", help="stem of the photo never trained on (default: astronaut)")
     ap.add_argument("--k-train", type=int, default=100, help="samples per training photo (default: 100)")

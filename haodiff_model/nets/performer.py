@@ -107,7 +107,8 @@ class FastAttention(nn.Module):
     def forward(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """qk: (2, B, H, N, D) contiguous stack of q and k; v: (B, H, N, D) any strides.
 
-        Returns (B, H, N, D); without autograd its memory is (B, N, H, D), ready for the output Linear.
+        Returns (B, H, N, D) whose memory is (B, N, H, D): merging the heads for the output Linear
+        is then a view.
         """
         _, b, h, n, d = qk.shape
         m = self.nb_features
@@ -131,9 +132,8 @@ class FastAttention(nn.Module):
         # q' = e_q + eps:  q' ctx = e_q ctx + eps * sum_j ctx_j
         out = torch.baddbmm(ctx.sum(dim=1, keepdim=True).mul_(FEATURE_EPS), e_q, ctx)
         num, den = out[:, :, :d].view(b, h, n, d), out[:, :, d:d + 1].view(b, h, n, 1)
-        if out.requires_grad:
-            return num / den
-        # write straight into (B, N, H, D) memory so that merging the heads costs no copy
+        if out.requires_grad:  # autograd cannot write into `out=`: divide, then move into place
+            return (num / den).transpose(1, 2).contiguous().transpose(1, 2)
         result = torch.empty(b, n, h, d, dtype=out.dtype, device=out.device).permute(0, 2, 1, 3)
         return torch.div(num, den, out=result)
 
@@ -174,7 +174,7 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, w, bias).view(b, n, 3, h, d)
         qk = qkv[:, :, :2].permute(2, 0, 3, 1, 4).contiguous()
         out = self.fast_attention(qk, qkv[:, :, 2].transpose(1, 2))
-        return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+        return self.to_out(out.transpose(1, 2).view(b, n, h * d))
 
 
 class FeedForward(nn.Module):
