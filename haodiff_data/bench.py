@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -94,13 +95,24 @@ def stage_timings(recipe: Recipe, n: int, seed: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in timings.items()}
 
 
+# Samples per source in the end-to-end run: a data set has many photos and few crops of each.
+E2E_SAMPLES_PER_SOURCE = 2
+
+
 def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int) -> dict[str, Any]:
-    """A real ``synth`` run on the bundled photos into a temporary folder."""
-    sources = embedded_sources()
-    per_image = -(-samples // len(sources))
+    """A real ``synth`` run into a temporary folder, on copies of the bundled photos under distinct
+    names, E2E_SAMPLES_PER_SOURCE samples each. With the 3 photos alone a source's task would hold a
+    third of the run and 2 workers would wait on the last one (a task is one source)."""
+    bundled = [Path(s.path) for s in embedded_sources()]
+    copies = -(-samples // (E2E_SAMPLES_PER_SOURCE * len(bundled)))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = SynthConfig(inputs=[s.path for s in sources], out=Path(tmp), recipe=recipe, seed=seed,
-                          samples_per_image=per_image, limit=samples, workers=workers, progress=False)
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        for j in range(copies):
+            for photo in bundled:
+                shutil.copyfile(photo, photos / f"{photo.stem}-{j:04d}{photo.suffix}")
+        cfg = SynthConfig(inputs=[str(photos)], out=Path(tmp) / "shards", recipe=recipe, seed=seed,
+                          samples_per_image=E2E_SAMPLES_PER_SOURCE, limit=samples, workers=workers, progress=False)
         summary = synth(cfg)
     inv = summary["this_invocation"]
     # ru_maxrss of finished children is their peak; in-process runs report ours.
