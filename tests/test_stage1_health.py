@@ -190,3 +190,35 @@ def test_benchmark_config_paper_and_default(tmp_path: Path) -> None:
     assert (default.train.lr, default.train.warmup_steps, default.train.max_steps) == (5e-4, 30, 300)
     first = hmb_recipe("s3diff-mild", 0.7)["first_order"]
     assert first["p_hmb"] == 0.7 and first["p_none"] == pytest.approx(0.1) and first["p_generic"] == pytest.approx(0.2)
+
+
+def _probe_shards(root: Path, blur_marks_mask: bool, seed: int) -> Path:
+    """Noise images; the mask is a box. Where blur_marks_mask, the box is blurred (visible HMB);
+    otherwise a box of the same size elsewhere is blurred (the mask says nothing about the image)."""
+    import cv2
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with wds.TarWriter(str(root / "p-r000-000000.tar"), encoder=False, mtime=0) as tar:
+        for i in range(8):
+            lq = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            mask = np.zeros((128, 128), np.uint8)
+            y, x = rng.integers(8, 60, 2)
+            mask[y:y + 48, x:x + 48] = 255
+            by, bx = (y, x) if blur_marks_mask else rng.integers(8, 60, 2)
+            lq[by:by + 48, bx:bx + 48] = cv2.GaussianBlur(lq[by:by + 48, bx:bx + 48], (0, 0), 3)
+            tar.write(encode_sample(f"p{i:03d}", lq, lq, mask, np.ones((128, 128), np.uint8), {}))
+    return root
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_mask_probe_finds_visible_hmb_and_nothing_else(tmp_path: Path, visible: bool) -> None:
+    from haodiff_model.bench.learn import mask_probe
+
+    train, heldout = (_probe_shards(tmp_path / name, visible, seed) for seed, name in enumerate(("train", "heldout")))
+    with torch.random.fork_rng():
+        m = mask_probe(train, heldout, steps=60, crop=64, batch=4)
+    if visible:
+        assert m["probe_auroc_heldout"] > 0.85
+    else:
+        assert 0.3 < m["probe_auroc_heldout"] < 0.7

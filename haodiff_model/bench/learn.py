@@ -18,6 +18,9 @@ DPG is for on a photo it never saw? (issue #12)
    Output: report.json, heldout.png (HQ | LQ | HQ head | LQ - residual | true mask | p | person),
    and the trainer's loss.png / heads.png / metrics.jsonl in the same folder; a table with the
    issue's targets marked pass / FAIL.
+4. `--probe-steps N`: a plain full-resolution CNN trained on the mask alone, the same data, N steps;
+   its AUROC inside the person says whether the data lets any model see the HMB (the recipe's
+   limit) or only this one fails (the model's or objective's limit).
 """
 
 from __future__ import annotations
@@ -207,6 +210,64 @@ def targets(m: dict[str, Any]) -> list[tuple[str, bool]]:
     ]
 
 
+# ----------------------------------------------------------------------------- is the mask learnable at all?
+
+
+def mask_probe_net(width: int = 32) -> torch.nn.Sequential:
+    """A plain full-resolution CNN for the HMB mask alone (receptive field ~70 px): no shared trunk,
+    no 4x downsampler, nothing else to learn. If it cannot find HMB, no stage-1 setting will."""
+    def conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> list[torch.nn.Module]:
+        return [torch.nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation), torch.nn.ReLU()]
+
+    return torch.nn.Sequential(
+        *conv(3, width), *conv(width, width), *conv(width, width, stride=2), *conv(width, width),
+        *conv(width, width, stride=2), *conv(width, width, dilation=2), *conv(width, width, dilation=4),
+        torch.nn.Conv2d(width, 1, 1), torch.nn.Upsample(scale_factor=4, mode="bilinear"))
+
+
+def _lq_tensor(lq: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(lq)).permute(2, 0, 1).float().div(127.5).sub(1)
+
+
+def mask_probe(train_dir: Path, heldout_dir: Path, steps: int, seed: int = 0, crop: int = 128,
+               batch: int = 8) -> dict[str, float]:
+    """Train `mask_probe_net` on the training shards' LQ -> HMB mask for `steps` Adam steps (BCE,
+    HMB pixels weighted 4) and return its AUROC inside the person on the HMB samples of the first
+    quarter of the training set and of the held-out set: the data's limit, apart from the model's."""
+    samples = list(iter_samples(sorted(train_dir.glob("*.tar"))))
+    lqs = np.stack([s.lq for s in samples])
+    masks = np.stack([s.mask >= 128 for s in samples])
+    torch.manual_seed(seed)
+    net = mask_probe_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    h, w = masks.shape[1:]
+    for _ in range(steps):
+        idx = rng.integers(0, len(samples), batch)
+        top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+        window = (idx, slice(top, top + crop), slice(left, left + crop))
+        x = torch.stack([_lq_tensor(lq) for lq in lqs[window]])
+        t = torch.from_numpy(masks[window]).float()[:, None]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), t, pos_weight=torch.tensor(4.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def probe_auroc(found: Sequence[Any]) -> float:
+        scores, labels = [], []
+        for s in found:
+            true, person = s.mask >= 128, s.parts > 0
+            if true.any():
+                scores.append(net(_lq_tensor(s.lq)[None])[0, 0].numpy()[person])
+                labels.append(true[person])
+        return auroc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
+
+    net.eval()
+    return {"probe_auroc_train": probe_auroc(samples[:len(samples) // 4]),
+            "probe_auroc_heldout": probe_auroc(list(iter_samples(sorted(heldout_dir.glob("*.tar")))))}
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -249,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--data-only", action="store_true", help="synthesize (or find) the shards, then stop")
+    ap.add_argument("--probe-steps", type=int, default=0,
+                    help="also train a plain full-resolution CNN for the mask alone this many steps and report its "
+                         "AUROC: whether the data lets any model find HMB (default: 0 = off; 1200 takes ~4 min)")
     ap.add_argument("--out", default=None, help="run folder (default: runs/bench_learn/<paper|default>-<steps>)")
     args = ap.parse_args(argv)
 
@@ -276,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "targets": {what: ok for what, ok in checks}, "train_s": train_s, "eval_s": eval_s, "load": uptime()}
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
+    if args.probe_steps:
+        start = time.perf_counter()
+        metrics.update(mask_probe(train_dir, heldout_dir, args.probe_steps, args.seed))
+        report["metrics"], report["probe_s"] = metrics, time.perf_counter() - start
+        (out / "report.json").write_text(json.dumps(report, indent=1))
     m = metrics
     print(f"held out ({m['samples_hmb']} HMB, {m['samples_empty']} without): "
           f"mask IoU {m['iou']:.3f} Dice {m['dice']:.3f} | all-ones IoU {m['iou_ones']:.3f} Dice {m['dice_ones']:.3f} "
@@ -284,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"AUROC in person {m['auroc_in_person']:.3f}")
     print(f"PSNR: LQ {m['psnr_lq']:.2f} dB, HQ head {m['psnr_hq_head']:.2f} dB, "
           f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB")
+    if args.probe_steps:
+        print(f"mask probe (plain CNN, mask only, {args.probe_steps} steps): AUROC inside the person "
+              f"{m['probe_auroc_train']:.3f} on training samples, {m['probe_auroc_heldout']:.3f} held out")
     for what, ok in checks:
         print(f"  [{'pass' if ok else 'FAIL'}] {what}")
     print(f"{sum(ok for _, ok in checks)}/{len(checks)} targets met; {out}/(report.json heldout.png loss.png "
