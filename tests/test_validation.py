@@ -107,7 +107,8 @@ def test_the_best_validation_keeps_its_weights(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("metric, values, kept", [("val/psnr", [20.0, 23.0, 22.0, 23.0], [1, 2]),
-                                                   ("val/hmb/lpips", [0.4, 0.3, 0.35, 0.1], [1, 2, 4])])
+                                                   ("val/hmb/lpips", [0.4, 0.3, 0.35, 0.1], [1, 2, 4]),
+                                                   ("val/mask_iou", [math.nan, 0.2, math.nan, 0.3], [2, 4])])
 def test_best_is_replaced_only_by_a_strictly_better_value(tmp_path: Path, metric, values, kept) -> None:
     cfg = _config(tmp_path, tmp_path, tmp_path / "run", best_metric=metric)
     run = Run(cfg, DistContext(), "dpg", [], log=lambda _: None)
@@ -127,6 +128,7 @@ def test_best_is_replaced_only_by_a_strictly_better_value(tmp_path: Path, metric
 
 def test_best_metric_names_must_say_their_direction() -> None:
     assert best_direction("val/hmb/lpips") == -1 and best_direction("val/psnr_hq_head") == 1
+    assert best_direction("val/dice") == -1 and best_direction("val/mask_dice") == 1  # a loss term, a score
     with pytest.raises(ValueError, match="best_metric='val/sharpness'"):
         ValSettings(best_metric="val/sharpness")
 

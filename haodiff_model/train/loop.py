@@ -52,21 +52,24 @@ class ValSettings:
             raise ValueError(f"invalid samples={self.samples!r} (>= 1), every={self.every!r} (>= 0, 0 = off) or "
                              f"scan={self.scan!r} (>= samples)")
         if self.best_metric is not None and best_direction(self.best_metric) == 0:
-            raise ValueError(f"best_metric={self.best_metric!r}: say whether higher or lower is better by its name "
-                             f"(one of {', '.join(HIGHER_IS_BETTER + LOWER_IS_BETTER)} in it), or null")
+            raise ValueError(f"best_metric={self.best_metric!r}: not a loss term ({', '.join(LOSS_TERMS)}) and its name "
+                             f"does not say whether higher or lower is better (one of "
+                             f"{', '.join(HIGHER_IS_BETTER + LOWER_IS_BETTER)} in it); or null")
 
 
-# Validation metric names by the direction that is better; a name containing one of these is judged by it.
+# Validation metrics by the direction that is better: the loss terms by name (stage 1's `dice` is a
+# loss, its `mask_dice` a score), the scores by what their name contains.
+LOSS_TERMS = ("loss", "l1_hq", "l1_residual", "dice", "bce", "mse", "ea_dists", "gan")
+LOWER_IS_BETTER = ("lpips", "dists")
 HIGHER_IS_BETTER = ("psnr", "ssim", "dice", "iou")
-LOWER_IS_BETTER = ("lpips", "dists", "loss", "l1", "mse")
 
 
 def best_direction(metric: str) -> int:
     """+1 when a higher value of `metric` is better, -1 when lower, 0 when its name does not say."""
-    name = metric.removeprefix("val/")
-    if any(k in name for k in HIGHER_IS_BETTER):
-        return 1
-    return -1 if any(k in name for k in LOWER_IS_BETTER) else 0
+    name = metric.rsplit("/", 1)[-1]  # val/hmb/lpips -> lpips
+    if name in LOSS_TERMS or any(k in name for k in LOWER_IS_BETTER):
+        return -1
+    return 1 if any(k in name for k in HIGHER_IS_BETTER) else 0
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,8 @@ class Run:
         best_file = self.out / "best" / "best.json"
         best = json.loads(best_file.read_text()) if best_file.is_file() else None
         value = metrics[metric]
+        if not math.isfinite(value):  # e.g. mask_iou on a batch without HMB: nothing to compare
+            return
         if best is None or (value - best["value"]) * best_direction(metric) > 0:
             staging = self.out / "best.tmp"
             shutil.rmtree(staging, ignore_errors=True)
@@ -399,6 +404,6 @@ class Run:
         return files
 
 
-__all__ = ["HIGHER_IS_BETTER", "LOWER_IS_BETTER", "OutputSettings", "Run", "TrainMeter", "VAL_KINDS", "ValSettings",
-           "autocast_dtype", "batches", "best_direction", "build_train_loader", "load_val_batch", "restore_rngs",
-           "run_from_args", "sample_kind", "split_holdout", "stream_settings"]
+__all__ = ["HIGHER_IS_BETTER", "LOSS_TERMS", "LOWER_IS_BETTER", "OutputSettings", "Run", "TrainMeter", "VAL_KINDS",
+           "ValSettings", "autocast_dtype", "batches", "best_direction", "build_train_loader", "load_val_batch",
+           "restore_rngs", "run_from_args", "sample_kind", "split_holdout", "stream_settings"]
