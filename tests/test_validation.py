@@ -28,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _sample(key: str, kind: str) -> dict:
     rng = np.random.default_rng([ord(c) for c in key])
     hq = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    lq = hq if kind == "clean" else np.clip(hq.astype(np.int16) + rng.integers(-25, 26, hq.shape), 0, 255).astype(np.uint8)
+    noisy = np.clip(hq.astype(np.int16) + rng.integers(-25, 26, hq.shape), 0, 255).astype(np.uint8)
+    lq = hq if kind == "clean" else noisy
     mask = np.zeros((SIZE, SIZE), np.uint8)
     if kind == "hmb":
         mask[4:20, 8:24] = 255

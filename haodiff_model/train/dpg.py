@@ -353,4 +353,5 @@ def main_dpg(args: argparse.Namespace) -> int:
 
 
 __all__ = ["DPG_WEIGHTS", "HEAD_STATS", "TrainDPGConfig", "TrainSettings", "dpg_forward_loss", "dpg_train_step",
-           "head_metrics", "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train", "validation_grid"]
+           "head_metrics", "head_parameters", "lr_factor", "main_dpg", "make_optimizer", "make_scheduler", "train",
+           "validation_grid"]

@@ -52,8 +52,8 @@ class ValSettings:
             raise ValueError(f"invalid samples={self.samples!r} (>= 1), every={self.every!r} (>= 0, 0 = off) or "
                              f"scan={self.scan!r} (>= samples)")
         if self.best_metric is not None and best_direction(self.best_metric) == 0:
-            raise ValueError(f"best_metric={self.best_metric!r}: not a loss term ({', '.join(LOSS_TERMS)}) and its name "
-                             f"does not say whether higher or lower is better (one of "
+            raise ValueError(f"best_metric={self.best_metric!r}: not a loss term ({', '.join(LOSS_TERMS)}) and "
+                             f"its name does not say whether higher or lower is better (one of "
                              f"{', '.join(HIGHER_IS_BETTER + LOWER_IS_BETTER)} in it); or null")
 
 
