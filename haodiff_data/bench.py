@@ -3,17 +3,22 @@
 Stages are timed on the bundled photos with the real code paths. ``degrade_ms_per_sample`` is one
 HMB (trajectory, PSF, blur, blend) plus one full two-order generic degradation with its final
 stage, the same work as the per-sample public route it is compared against in the README.
+With ``--segmenter sapiens`` the segmentation stage and the end-to-end run use that checkpoint
+(on ``--device``), and its throughput is also timed at several batch sizes; the degradation stages
+always take their body parts from MediaPipe, so they time the same work whatever the segmenter.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -32,6 +37,17 @@ from haodiff_data.shards.schema import encode_sample
 from haodiff_data.synth import SynthConfig, default_workers, synth
 
 
+@dataclass(frozen=True)
+class SegmenterChoice:
+    name: str = "mediapipe"  # "mediapipe" | "sapiens"
+    checkpoint: str | None = None
+    device: str = "cpu"
+
+
+# Batch sizes at which a Sapiens checkpoint's throughput is timed (images of 512x512 crops).
+SEGMENT_BATCHES = (1, 4, 16)
+
+
 def _mean_ms(fn: Callable[[int], Any], n: int) -> float:
     t0 = time.perf_counter()
     for i in range(n):
@@ -39,7 +55,7 @@ def _mean_ms(fn: Callable[[int], Any], n: int) -> float:
     return 1000 * (time.perf_counter() - t0) / n
 
 
-def stage_timings(recipe: Recipe, n: int, seed: int) -> dict[str, float]:
+def stage_timings(recipe: Recipe, n: int, seed: int, seg: SegmenterChoice = SegmenterChoice()) -> dict[str, float]:
     """Mean ms per stage over ``n`` runs, single-threaded, on 512x512 crops."""
     cv2.setNumThreads(1)
     tune_malloc()
@@ -54,8 +70,9 @@ def stage_timings(recipe: Recipe, n: int, seed: int) -> dict[str, float]:
 
     hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
     hq = cv2.resize(hq, (size, size), interpolation=cv2.INTER_AREA) if hq.shape[0] != size else hq
-    segmenter = make_segmenter("mediapipe")
-    parts = segmenter.segment([hq])[0].parts  # also warms MediaPipe up
+    parts = make_segmenter("mediapipe").segment([hq])[0].parts
+    segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device)
+    segmenter.segment([hq])  # warm-up: model load, first-call allocations
     groups = group_masks(parts, recipe.hmb.min_group_fraction)
     if not groups:
         raise RuntimeError("bench: the segmenter found no person in the bundled astronaut photo")
@@ -99,7 +116,24 @@ def stage_timings(recipe: Recipe, n: int, seed: int) -> dict[str, float]:
 E2E_SAMPLES_PER_SOURCE = 2
 
 
-def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int) -> dict[str, Any]:
+def segment_throughput(seg: SegmenterChoice, batches: tuple[int, ...] = SEGMENT_BATCHES,
+                       images: int = 32) -> dict[int, float]:
+    """Images/s of one segmenter process at each batch size, on 512x512 crops of the astronaut."""
+    hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    crops = [np.ascontiguousarray(np.roll(hq, 8 * i, axis=1)) for i in range(images)]
+    out = {}
+    for batch in batches:
+        segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device, batch_size=batch)
+        segmenter.segment(crops[:batch])
+        start = time.perf_counter()
+        segmenter.segment(crops)  # ends with a copy of every label map to the CPU: synchronised
+        out[batch] = round(images / (time.perf_counter() - start), 2)
+        segmenter.close()
+    return out
+
+
+def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int,
+               seg: SegmenterChoice = SegmenterChoice()) -> dict[str, Any]:
     """A real ``synth`` run into a temporary folder, on copies of the bundled photos under distinct
     names, E2E_SAMPLES_PER_SOURCE samples each. With the 3 photos alone a source's task would hold a
     third of the run and 2 workers would wait on the last one (a task is one source)."""
@@ -112,7 +146,8 @@ def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int) -> dict[st
             for photo in bundled:
                 shutil.copyfile(photo, photos / f"{photo.stem}-{j:04d}{photo.suffix}")
         cfg = SynthConfig(inputs=[str(photos)], out=Path(tmp) / "shards", recipe=recipe, seed=seed,
-                          samples_per_image=E2E_SAMPLES_PER_SOURCE, limit=samples, workers=workers, progress=False)
+                          samples_per_image=E2E_SAMPLES_PER_SOURCE, limit=samples, workers=workers, progress=False,
+                          segmenter=seg.name, checkpoint=seg.checkpoint, device=seg.device)
         summary = synth(cfg)
     inv = summary["this_invocation"]
     # ru_maxrss of finished children is their peak; in-process runs report ours.
@@ -128,22 +163,31 @@ def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int) -> dict[st
     }
 
 
-def run_bench(recipe: Recipe, n: int, workers: int | None, e2e_samples: int, seed: int) -> dict[str, Any]:
-    stages = stage_timings(recipe, n, seed)
+def run_bench(recipe: Recipe, n: int, workers: int | None, e2e_samples: int, seed: int,
+              seg: SegmenterChoice = SegmenterChoice()) -> dict[str, Any]:
+    stages = stage_timings(recipe, n, seed, seg)
     result: dict[str, Any] = {
         "image_size": recipe.crop.size,
+        "segmenter": f"{seg.name}" + (f" {os.path.basename(seg.checkpoint)} on {seg.device}" if seg.checkpoint else ""),
         "stage_ms_one_core": stages,
         "degrade_ms_per_sample": round(stages["trajectory_psf"] + stages["hmb_blur"] + stages["generic"], 2),
     }
+    if seg.name == "sapiens":
+        result["segment_images_per_s"] = segment_throughput(seg)
     if e2e_samples:
-        result["end_to_end"] = end_to_end(recipe, e2e_samples, workers or default_workers(), seed)
+        workers = workers or default_workers(seg.name, seg.checkpoint, seg.device)
+        result["end_to_end"] = end_to_end(recipe, e2e_samples, workers, seed, seg)
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"stage (one core, {result['image_size']}x{result['image_size']})     ms"]
+    lines = [f"segmenter: {result['segmenter']}",
+             f"stage (one core, {result['image_size']}x{result['image_size']})     ms"]
     lines += [f"  {name:<28}{ms:>8.2f}" for name, ms in result["stage_ms_one_core"].items()]
     lines.append(f"  {'degrade (HMB + generic)':<28}{result['degrade_ms_per_sample']:>8.2f}")
+    if "segment_images_per_s" in result:
+        lines.append("segmentation throughput, one process: " + ", ".join(
+            f"batch {b}: {ips} images/s" for b, ips in result["segment_images_per_s"].items()))
     e2e = result.get("end_to_end")
     if e2e:
         lines.append(

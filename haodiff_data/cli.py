@@ -72,6 +72,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_segmenter_args(p: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
+    p.add_argument("--segmenter", choices=choices, default="mediapipe",
+                   help="body-part segmenter: mediapipe (embedded, default), sapiens (needs --checkpoint)"
+                        + (", labels (precomputed maps in --labels-dir)" if "labels" in choices else ""))
+    p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)")
+    p.add_argument("--device", default="cpu", help="device for the sapiens segmenter: cpu or cuda[:N] (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haodiff-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 1, or 8 on the bundled photos)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="stop after the first N samples of the sample index space (all nodes together)")
-    p.add_argument("--segmenter", choices=("mediapipe", "sapiens", "labels"), default="mediapipe",
-                   help="body-part segmenter: mediapipe (embedded, default), sapiens (needs --checkpoint), "
-                        "labels (precomputed maps in --labels-dir)")
-    p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)")
-    p.add_argument("--device", default="cpu", help="device for the sapiens segmenter: cpu or cuda[:N] (default: cpu)")
+    _add_segmenter_args(p, ("mediapipe", "sapiens", "labels"))
     p.add_argument("--labels-dir", help="folder of precomputed Goliath label maps named <source stem>.png")
     p.add_argument("--num-nodes", type=positive_int, default=None,
                    help="number of independent nodes sharing the inputs (default: $WORLD_SIZE as set by "
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=None, help="workers for the end-to-end run (default: all cores)")
     p.add_argument("--end-to-end-samples", type=non_negative_int, default=48,
                    help="samples in the end-to-end synth run (default: 48; 0 skips it)")
+    _add_segmenter_args(p, ("mediapipe", "sapiens"))
     _add_recipe_args(p)
     _add_detection_parsers(sub)
     return parser
@@ -313,9 +318,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from haodiff_data.bench import format_table, run_bench
+    from haodiff_data.bench import SegmenterChoice, format_table, run_bench
 
-    result = run_bench(_load_recipe(args), args.samples, args.workers, args.end_to_end_samples, args.seed)
+    from haodiff_data.run import RunError
+
+    if args.segmenter == "sapiens":
+        if not args.checkpoint:
+            raise RunError("--segmenter sapiens needs --checkpoint PATH (a Sapiens lite *_torchscript.pt2 or *.pt2)")
+        from haodiff_data.segment.sapiens import check_checkpoint
+
+        check_checkpoint(args.checkpoint, args.device)
+    seg = SegmenterChoice(args.segmenter, args.checkpoint, args.device)
+    result = run_bench(_load_recipe(args), args.samples, args.workers, args.end_to_end_samples, args.seed, seg)
     print(json.dumps(result) if args.json else format_table(result))
     return EXIT_OK
 

@@ -1,3 +1,4 @@
+import json
 import zipfile
 
 import numpy as np
@@ -177,3 +178,44 @@ def test_default_workers_account_for_the_model(tmp_path, monkeypatch):
     assert synth.default_workers("sapiens", str(big), "cpu") == 10
     assert synth.default_workers("sapiens", str(big), "cuda") == synth.MAX_WORKERS_PER_GPU
     assert synth.default_workers("mediapipe") == 32
+
+
+def test_standin_has_the_real_contract_and_loads_through_the_segmenter(tmp_path):
+    from haodiff_data.segment.sapiens_standin import SapiensStandin, StandinConfig, write_standin
+
+    cfg = StandinConfig(width=32, depth=1, heads=2, head_channels=8)
+    path = tmp_path / "standin_torchscript.pt2"
+    params = write_standin(str(path), cfg, seed=3)
+    assert params == sum(p.numel() for p in SapiensStandin(cfg).parameters())
+    traced = torch.jit.load(str(path))
+    x = torch.randn(2, 3, 1024, 768)
+    with torch.inference_mode():
+        torch.manual_seed(3)  # the same random weights as the saved file
+        assert torch.allclose(traced(x), SapiensStandin(cfg).eval()(x), atol=1e-4)
+        assert traced(x).shape == (2, 28, 512, 384)  # traced at batch 1, runs at any batch
+    seg = make_segmenter("sapiens", checkpoint=str(path), batch_size=2)
+    images = [np.random.default_rng(i).integers(0, 256, (512, 512, 3), dtype=np.uint8) for i in range(3)]
+    out = seg.segment(images)
+    assert [s.parts.shape for s in out] == [(512, 512)] * 3 and max(int(s.parts.max()) for s in out) < 28
+    assert np.array_equal(out[2].parts, seg.segment(images[2:])[0].parts)
+
+
+def test_sapiens_size_default_is_0_3b():
+    from haodiff_data.segment.sapiens_standin import SapiensStandin, StandinConfig
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in SapiensStandin(StandinConfig()).parameters())
+    assert 0.30e9 < params < 0.34e9  # the backbone is 0.3B; data_spec C.3 gives 0.336 B with its head
+
+
+def test_bench_times_a_sapiens_checkpoint(tiny_torchscript, capsys):
+    from haodiff_data.cli import main
+
+    assert main(["bench", "--json", "--samples", "1", "--end-to-end-samples", "0", "--segmenter", "sapiens",
+                 "--checkpoint", tiny_torchscript]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["segmenter"] == "sapiens tiny_seg_torchscript.pt2 on cpu"
+    assert set(result["segment_images_per_s"]) == {"1", "4", "16"}
+    assert all(v > 0 for v in result["segment_images_per_s"].values())
+    assert main(["bench", "--segmenter", "sapiens"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err

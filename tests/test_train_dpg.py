@@ -324,12 +324,18 @@ def test_bench_gpu_cpu_smoke(capsys: pytest.CaptureFixture) -> None:
     assert bench_gpu.main(["--json", "--steps", "1", "--warmup", "0", "--runs", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["smoke_test"] is True and report["train"]["pass"] is None
-    for name in ("ours", "baseline"):
+    for name in ("ours", "baseline", "baseline_tf32"):
         m = report["train"][name]
         assert m["batch"] == 2 and m["it_per_s"] > 0 and np.isfinite(m["final_loss"])
     assert report["train"]["ours"]["attention"] == "sdpa" and report["train"]["baseline"]["attention"] == "explicit"
+    assert [report["train"][k]["precision"] for k in ("baseline", "baseline_tf32")] == ["fp32", "tf32"]
+    faster = max(report["train"][k]["samples_per_s"] for k in ("baseline", "baseline_tf32"))
+    assert report["train"]["speedup_per_sample"] == pytest.approx(report["train"]["ours"]["samples_per_s"] / faster)
     variants = report["prompt"]["variants"]
     assert variants["eager_bf16"]["median_ms"] > 0 and variants["cuda_graph_bf16"] == {"skipped": "needs CUDA"}
+    batched = variants["eager_bf16_batch8"]
+    assert batched["ms_per_image"] == pytest.approx(batched["median_ms"] / 8)
+    assert report["prompt"]["best"] != "eager_bf16_batch8"  # the batch-1 target is judged on batch 1 only
 
 
 def test_a_non_finite_loss_stops_the_run(shards: Path, tmp_path: Path) -> None:
