@@ -37,7 +37,7 @@ section() {  # section NAME SECONDS COMMAND...: run it under a limit, keep its o
 echo "host: $CORES cores; $($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-section stage1 160 $PY -m haodiff_model.bench.gpu "${GPU_ARGS[@]}"
+section stage1 150 $PY -m haodiff_model.bench.gpu "${GPU_ARGS[@]}"
 section restore 100 $PY -m haodiff_model.bench.restore "${RESTORE_ARGS[@]}"
 section synth_mediapipe 60 $PY -m haodiff_data.cli bench --workers "$CORES" "${DATA_ARGS[@]}"
 section sapiens_standin 40 $PY -m haodiff_data.segment.sapiens_standin "$SAPIENS" "${STANDIN_ARGS[@]}"
@@ -45,4 +45,4 @@ DEVICE=cuda; [[ "${SMOKE:-0}" == 1 ]] && DEVICE=cpu
 section synth_sapiens 90 $PY -m haodiff_data.cli bench --segmenter sapiens --checkpoint "$SAPIENS" \
     --device "$DEVICE" --workers "$CORES" "${DATA_ARGS[@]}"
 rm -f "$SAPIENS"
-section stage2 110 $PY -m haodiff_model.bench.osd --disc sdxl "${OSD_ARGS[@]}"
+section stage2 100 $PY -m haodiff_model.bench.osd --disc sdxl "${OSD_ARGS[@]}"
