@@ -10,6 +10,7 @@ always take their body parts from MediaPipe, so they time the same work whatever
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -117,17 +118,35 @@ E2E_SAMPLES_PER_SOURCE = 2
 
 
 def segment_throughput(seg: SegmenterChoice, batches: tuple[int, ...] = SEGMENT_BATCHES,
-                       images: int = 32) -> dict[int, float]:
-    """Images/s of one segmenter process at each batch size, on 512x512 crops of the astronaut."""
+                       images: int = 32) -> dict[str, float]:
+    """Images/s of one segmenter process at each batch size, on 512x512 crops of the astronaut.
+
+    On CUDA the largest batch is also timed with TF32 matrix products and under bf16 autocast
+    (what synth does not do yet), each with the share of pixels labelled as in fp32."""
+    import torch
+
     hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
     crops = [np.ascontiguousarray(np.roll(hq, 8 * i, axis=1)) for i in range(images)]
-    out = {}
+    out: dict[str, float] = {}
+
+    def timed(segmenter: Any) -> tuple[float, list[np.ndarray]]:
+        segmenter.segment(crops[: segmenter.batch_size])
+        start = time.perf_counter()
+        labels = [s.parts for s in segmenter.segment(crops)]  # copies to the CPU: synchronised
+        return round(images / (time.perf_counter() - start), 2), labels
+
     for batch in batches:
         segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device, batch_size=batch)
-        segmenter.segment(crops[:batch])
-        start = time.perf_counter()
-        segmenter.segment(crops)  # ends with a copy of every label map to the CPU: synchronised
-        out[batch] = round(images / (time.perf_counter() - start), 2)
+        out[str(batch)], reference = timed(segmenter)
+        if batch == max(batches) and seg.device.startswith("cuda"):
+            variants = {"tf32": contextlib.nullcontext(), "bf16_autocast": torch.autocast("cuda", torch.bfloat16)}
+            for name, context in variants.items():
+                torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+                with context:
+                    out[f"{batch}_{name}"], labels = timed(segmenter)
+                out[f"{batch}_{name}_same_labels"] = round(
+                    float(np.mean([np.mean(a == b) for a, b in zip(labels, reference)])), 4)
+            torch.backends.cuda.matmul.allow_tf32 = False
         segmenter.close()
     return out
 
@@ -186,8 +205,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [f"  {name:<28}{ms:>8.2f}" for name, ms in result["stage_ms_one_core"].items()]
     lines.append(f"  {'degrade (HMB + generic)':<28}{result['degrade_ms_per_sample']:>8.2f}")
     if "segment_images_per_s" in result:
-        lines.append("segmentation throughput, one process: " + ", ".join(
-            f"batch {b}: {ips} images/s" for b, ips in result["segment_images_per_s"].items()))
+        lines.append("segmentation throughput, one process (images/s; share of labels as in fp32): " + ", ".join(
+            f"batch {b}: {ips}" for b, ips in result["segment_images_per_s"].items()))
     e2e = result.get("end_to_end")
     if e2e:
         lines.append(

@@ -225,6 +225,46 @@ def bench_prompt(dpg: DPGConfig, prompt: PromptEmbedderConfig, runs: int, warmup
             "pass": None if device.type != "cuda" else best is not None and timed[best] <= PROMPT_MS_TARGET}
 
 
+def profile_tables(dpg: DPGConfig, prompt: PromptEmbedderConfig, batch: int, device: torch.device,
+                   rows: int = 25) -> str:
+    """torch.profiler tables (self device time per op) of two of our training steps and of five bf16
+    batch-1 prompt-encoder forwards, after warm-up: where the remaining time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    cfg = dataclasses.replace(dpg, attention="sdpa")
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    model = DPGNetwork(cfg, torch.Generator().manual_seed(0)).to(device).train()
+    model.set_drop_path_generator(torch.Generator(device=device).manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, fused=True if device.type == "cuda" else None)
+    data = synthetic_batch(batch, cfg.img_size, device)
+    for _ in range(3):
+        dpg_train_step(model, opt, data, Stage1Loss(), 1.0, amp, device)
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            dpg_train_step(model, opt, data, Stage1Loss(), 1.0, amp, device)
+        _sync(device)
+    out = [f"training step, batch {batch}, 2 steps:", prof.key_averages().table(sort_by=sort, row_limit=rows)]
+    del model, opt, data
+    _free(device)
+    enc = DualPromptEncoder(dpg, prompt).to(device).eval()
+    with torch.no_grad():
+        enc.to(torch.bfloat16)
+    x = torch.zeros(1, 3, dpg.img_size, dpg.img_size, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(3):
+            enc(x)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                enc(x)
+            _sync(device)
+    out += ["prompt encoder, batch 1 bf16, 5 forwards:", prof.key_averages().table(sort_by=sort, row_limit=rows)]
+    return "\n".join(out)
+
+
 def run_benchmarks(steps: int, warmup: int, runs: int, batch: int, compile_model: bool,
                    device: torch.device | None = None) -> dict[str, Any]:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed prompt-encoder calls (default: 50; CPU 3)")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default: 16; CPU 2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the whole-model torch.compile variants")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler tables of our training step and of the prompt encoder")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     steps = args.steps if args.steps is not None else (10 if cuda else 2)
@@ -311,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch if args.batch is not None else (16 if cuda else 2)
     if min(steps, runs, batch) < 1 or warmup < 0:
         parser.error("--steps, --runs and --batch must be >= 1, --warmup >= 0")
+    if args.profile:
+        device = torch.device("cuda" if cuda else "cpu")
+        print(profile_tables(DPGConfig() if cuda else TINY_DPG, PromptEmbedderConfig() if cuda else TINY_PROMPT,
+                             batch, device))
+        return 0
     report = run_benchmarks(steps, warmup, runs, batch, not args.no_compile)
     print(json.dumps(report) if args.json else format_report(report))
     return 0

@@ -41,6 +41,10 @@ def compiled_kernels(enabled: bool) -> Iterator[None]:
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
+    # One small kernel serves every width, dtype and grad mode of a run (training, validation, the
+    # frozen prompt path): more variants than dynamo's default limit of 8, past which it silently
+    # runs the slow eager code (seen on an H200 in the benchmark's prompt path).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(fn, dynamic=None)
 
 
