@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -169,14 +168,12 @@ def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int,
                           segmenter=seg.name, checkpoint=seg.checkpoint, device=seg.device)
         summary = synth(cfg)
     inv = summary["this_invocation"]
-    # ru_maxrss of finished children is their peak; in-process runs report ours.
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if workers > 1 else resource.RUSAGE_SELF)
     return {
         "samples": summary["samples_written"],
         "workers": workers,
         "wall_s": inv["wall_s"],
         "samples_per_s": inv["samples_per_s"],
-        "peak_worker_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "peak_worker_rss_mib": inv["worker_peak_rss_mib"],
         "worker_cpu_ms_per_sample": inv["cpu_ms_per_sample"],
         "stage_ms_per_sample_in_run": inv["stage_ms_per_sample"],
     }

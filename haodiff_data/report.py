@@ -262,10 +262,11 @@ def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeStat
             "wall_s": round(wall, 3),
             "samples_per_s": round(made_now / wall, 3) if wall > 0 else None,
             "stage_ms_per_sample": {k: round(1000 * v / max(made_now, 1), 2) for k, v in sorted(timings.items())
-                                    if k != "cpu"},
+                                    if k not in ("cpu", "peak_rss_mib")},
             # Worker CPU time per sample: a shared machine inflates it far less than wall time;
             # W idle cores make about W * 1000 / cpu_ms_per_sample samples/s.
             "cpu_ms_per_sample": round(1000 * timings.get("cpu", 0.0) / max(made_now, 1), 2),
+            "worker_peak_rss_mib": round(timings.get("peak_rss_mib", 0.0), 1),
         },
         "segmentation": segmentation_stats(metas, recipe),
         "parameters": summarize_table(parameter_table(metas)),

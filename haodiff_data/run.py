@@ -9,6 +9,7 @@ bytes never depend on the worker count.
 from __future__ import annotations
 
 import multiprocessing as mp
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ class TaskResult:
     rejects: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     cpu_s: float = 0.0  # CPU time the worker spent on the task (all its threads)
+    peak_rss_mib: float = 0.0  # the worker process's peak resident memory so far
 
 
 class Timer:
@@ -73,6 +75,7 @@ def _timed(worker: Worker, task: Any) -> TaskResult:
     t0 = time.process_time()
     result = worker(task)
     result.cpu_s = time.process_time() - t0
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return result
 
 
@@ -97,7 +100,8 @@ def ordered_map(factory: Callable[[], Worker], tasks: Iterable, workers: int,
 def drive(results: Iterator[TaskResult], sink: writer.ShardSink, first_task: int, n_tasks: int,
           total: int, progress: bool) -> tuple[int, Counter]:
     """Write task results in order, committing shards; returns (samples made, stage seconds). The
-    workers' CPU seconds are counted under ``"cpu"``."""
+    workers' CPU seconds are counted under ``"cpu"``, the largest worker peak RSS (MiB) under
+    ``"peak_rss_mib"``."""
     timings: Counter[str] = Counter()
     made = 0
     bar = tqdm(total=total or None, unit="sample", disable=not progress, dynamic_ncols=True)
@@ -109,6 +113,7 @@ def drive(results: Iterator[TaskResult], sink: writer.ShardSink, first_task: int
                 sink.reject(record)
             timings.update(result.timings)
             timings["cpu"] += result.cpu_s
+            timings["peak_rss_mib"] = max(timings["peak_rss_mib"], result.peak_rss_mib)
             made += len(result.samples)
             bar.update(len(result.samples) + sum(len(r["samples"]) for r in result.rejects))
             sink.task_done(n)

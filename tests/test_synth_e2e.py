@@ -67,6 +67,9 @@ def test_shards_read_back_with_plain_webdataset(reference_run):
     summary = json.loads((reference_run / "summary-r000.json").read_text())
     assert summary["samples_written"] == 6 and summary["samples_rejected"] == 0
     assert sum(summary["parameters"]["first_order"].values()) == 6
+    # A worker holds the MediaPipe models and numpy images: its peak RSS is measured, not 0.
+    assert 100 < summary["this_invocation"]["worker_peak_rss_mib"] < 4096
+    assert "peak_rss_mib" not in summary["this_invocation"]["stage_ms_per_sample"]
 
 
 def test_summary_counts_people_and_hmb_beside_the_recipe(reference_run, capsys):
