@@ -10,7 +10,6 @@ always take their body parts from MediaPipe, so they time the same work whatever
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
@@ -42,6 +41,7 @@ class SegmenterChoice:
     name: str = "mediapipe"  # "mediapipe" | "sapiens"
     checkpoint: str | None = None
     device: str = "cpu"
+    precision: str | None = None
 
 
 # Batch sizes at which a Sapiens checkpoint's throughput is timed (images of 512x512 crops).
@@ -71,7 +71,7 @@ def stage_timings(recipe: Recipe, n: int, seed: int, seg: SegmenterChoice = Segm
     hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
     hq = cv2.resize(hq, (size, size), interpolation=cv2.INTER_AREA) if hq.shape[0] != size else hq
     parts = make_segmenter("mediapipe").segment([hq])[0].parts
-    segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device)
+    segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device, precision=seg.precision)
     segmenter.segment([hq])  # warm-up: model load, first-call allocations
     groups = group_masks(parts, recipe.hmb.min_group_fraction)
     if not groups:
@@ -120,33 +120,31 @@ def segment_throughput(seg: SegmenterChoice, batches: tuple[int, ...] = SEGMENT_
                        images: int = 32) -> dict[str, float]:
     """Images/s of one segmenter process at each batch size, on 512x512 crops of the astronaut.
 
-    On CUDA the largest batch is also timed with TF32 matrix products and under bf16 autocast
-    (what synth does not do yet), each with the share of pixels labelled as in fp32."""
-    import torch
-
+    On CUDA the largest batch is also timed in the other precisions, each with the share of
+    pixels labelled as at the chosen one."""
     hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
     crops = [np.ascontiguousarray(np.roll(hq, 8 * i, axis=1)) for i in range(images)]
     out: dict[str, float] = {}
 
-    def timed(segmenter: Any) -> tuple[float, list[np.ndarray]]:
-        segmenter.segment(crops[: segmenter.batch_size])
+    def timed(batch: int, precision: str | None) -> list[np.ndarray]:
+        segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device, batch_size=batch,
+                                   precision=precision)
+        segmenter.segment(crops[:batch])
         start = time.perf_counter()
         labels = [s.parts for s in segmenter.segment(crops)]  # copies to the CPU: synchronised
-        return round(images / (time.perf_counter() - start), 2), labels
+        out[str(batch) if precision == seg.precision else f"{batch}_{precision}"] = round(
+            images / (time.perf_counter() - start), 2)
+        segmenter.close()
+        return labels
 
     for batch in batches:
-        segmenter = make_segmenter(seg.name, checkpoint=seg.checkpoint, device=seg.device, batch_size=batch)
-        out[str(batch)], reference = timed(segmenter)
-        if batch == max(batches) and seg.device.startswith("cuda"):
-            variants = {"tf32": contextlib.nullcontext(), "bf16_autocast": torch.autocast("cuda", torch.bfloat16)}
-            for name, context in variants.items():
-                torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-                with context:
-                    out[f"{batch}_{name}"], labels = timed(segmenter)
-                out[f"{batch}_{name}_same_labels"] = round(
+        reference = timed(batch, seg.precision)
+    if seg.device.startswith("cuda"):
+        for precision in ("fp32", "tf32", "bf16"):
+            if precision != seg.precision:
+                labels = timed(max(batches), precision)
+                out[f"{max(batches)}_{precision}_same_labels"] = round(
                     float(np.mean([np.mean(a == b) for a, b in zip(labels, reference)])), 4)
-            torch.backends.cuda.matmul.allow_tf32 = False
-        segmenter.close()
     return out
 
 
@@ -165,7 +163,8 @@ def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int,
                 shutil.copyfile(photo, photos / f"{photo.stem}-{j:04d}{photo.suffix}")
         cfg = SynthConfig(inputs=[str(photos)], out=Path(tmp) / "shards", recipe=recipe, seed=seed,
                           samples_per_image=E2E_SAMPLES_PER_SOURCE, limit=samples, workers=workers, progress=False,
-                          segmenter=seg.name, checkpoint=seg.checkpoint, device=seg.device)
+                          segmenter=seg.name, checkpoint=seg.checkpoint, device=seg.device,
+                          seg_precision=seg.precision)
         summary = synth(cfg)
     inv = summary["this_invocation"]
     return {
@@ -184,7 +183,8 @@ def run_bench(recipe: Recipe, n: int, workers: int | None, e2e_samples: int, see
     stages = stage_timings(recipe, n, seed, seg)
     result: dict[str, Any] = {
         "image_size": recipe.crop.size,
-        "segmenter": f"{seg.name}" + (f" {os.path.basename(seg.checkpoint)} on {seg.device}" if seg.checkpoint else ""),
+        "segmenter": seg.name + (f" {os.path.basename(seg.checkpoint)} on {seg.device}" if seg.checkpoint else "")
+        + (f" in {seg.precision}" if seg.precision else ""),
         "stage_ms_one_core": stages,
         "degrade_ms_per_sample": round(stages["trajectory_psf"] + stages["hmb_blur"] + stages["generic"], 2),
     }
@@ -202,8 +202,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [f"  {name:<28}{ms:>8.2f}" for name, ms in result["stage_ms_one_core"].items()]
     lines.append(f"  {'degrade (HMB + generic)':<28}{result['degrade_ms_per_sample']:>8.2f}")
     if "segment_images_per_s" in result:
-        lines.append("segmentation throughput, one process (images/s; share of labels as in fp32): " + ", ".join(
-            f"batch {b}: {ips}" for b, ips in result["segment_images_per_s"].items()))
+        rates = ", ".join(f"batch {b}: {ips}" for b, ips in result["segment_images_per_s"].items())
+        lines.append(f"segmentation throughput, one process (images/s; share of labels as chosen): {rates}")
     e2e = result.get("end_to_end")
     if e2e:
         lines.append(

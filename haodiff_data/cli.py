@@ -78,6 +78,9 @@ def _add_segmenter_args(p: argparse.ArgumentParser, choices: tuple[str, ...]) ->
                         + (", labels (precomputed maps in --labels-dir)" if "labels" in choices else ""))
     p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)")
     p.add_argument("--device", default="cpu", help="device for the sapiens segmenter: cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--seg-precision", choices=("fp32", "tf32", "bf16"), default=None,
+                   help="sapiens arithmetic: fp32, tf32 (CUDA; 1.65x on an H200) or bf16 weights (default: "
+                        "fp32 for TorchScript, bf16 for exported programs on CUDA); recorded in every sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,18 +272,34 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise RunError("--segmenter labels needs --labels-dir DIR")
     if args.labels_dir and not os.path.isdir(args.labels_dir):
         raise RunError(f"--labels-dir {args.labels_dir}: folder not found")
+    _check_seg_precision(args, device)
     _check_out(args.out)
     workers = args.workers or default_workers(args.segmenter, args.checkpoint, device)
     cfg = SynthConfig(
         inputs=inputs, out=args.out, recipe=_load_recipe(args), seed=args.seed, samples_per_image=k,
         limit=args.limit, workers=workers, segmenter=args.segmenter, checkpoint=args.checkpoint,
         threads=max(1, cpu_count() // workers),
-        device=device, labels_dir=args.labels_dir, num_nodes=num_nodes, node_rank=node_rank,
+        device=device, seg_precision=args.seg_precision, labels_dir=args.labels_dir, num_nodes=num_nodes,
+        node_rank=node_rank,
         prefix=args.prefix, resume=args.resume, progress=not args.no_progress,
     )
     summary = synth(cfg)
     print_summary(summary, args.out)
     return EXIT_REJECTS if summary["samples_rejected"] or summary["sources_rejected"] else EXIT_OK
+
+
+def _check_seg_precision(args: argparse.Namespace, device: str) -> None:
+    from haodiff_data.run import RunError
+    from haodiff_data.segment.sapiens import check_precision
+
+    if args.seg_precision is None:
+        return
+    if args.segmenter != "sapiens":
+        raise RunError(f"--seg-precision applies to --segmenter sapiens only, not {args.segmenter}")
+    try:
+        check_precision(args.seg_precision, device)
+    except ValueError as exc:
+        raise RunError(f"--seg-precision: {exc}") from None
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
@@ -328,7 +347,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from haodiff_data.segment.sapiens import check_checkpoint
 
         check_checkpoint(args.checkpoint, args.device)
-    seg = SegmenterChoice(args.segmenter, args.checkpoint, args.device)
+    _check_seg_precision(args, args.device)
+    seg = SegmenterChoice(args.segmenter, args.checkpoint, args.device, args.seg_precision)
     result = run_bench(_load_recipe(args), args.samples, args.workers, args.end_to_end_samples, args.seed, seg)
     print(json.dumps(result) if args.json else format_table(result))
     return EXIT_OK

@@ -49,6 +49,7 @@ class SynthConfig:
     segmenter: str = "mediapipe"
     checkpoint: str | None = None
     device: str = "cpu"
+    seg_precision: str | None = None  # sapiens only: fp32 | tf32 | bf16; None = as the checkpoint kind runs
     labels_dir: str | None = None
     num_nodes: int = 1
     node_rank: int = 0
@@ -93,6 +94,7 @@ def run_identity(cfg: SynthConfig, sources: list[Source]) -> dict[str, Any]:
         "limit": cfg.limit,
         "segmenter": cfg.segmenter,
         "checkpoint": cfg.checkpoint,
+        "seg_precision": cfg.seg_precision,  # None matches runs recorded before the option existed
         "num_nodes": cfg.num_nodes,
         "node_rank": cfg.node_rank,
         "samples_per_shard": cfg.recipe.shards.samples_per_shard,
@@ -128,7 +130,7 @@ class SynthWorker:
             cfg = self.cfg
             try:
                 self._segmenter = make_segmenter(cfg.segmenter, checkpoint=cfg.checkpoint, device=cfg.device,
-                                                 labels_dir=cfg.labels_dir)
+                                                 labels_dir=cfg.labels_dir, precision=cfg.seg_precision)
             except (OSError, ValueError, ImportError, RuntimeError) as exc:
                 raise SegmenterError(f"segmenter {cfg.segmenter!r} cannot start: {exc}") from exc
         return self._segmenter

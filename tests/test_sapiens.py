@@ -219,3 +219,40 @@ def test_bench_times_a_sapiens_checkpoint(tiny_torchscript, capsys):
     assert all(v > 0 for v in result["segment_images_per_s"].values())
     assert main(["bench", "--segmenter", "sapiens"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_precision_is_applied_recorded_and_checked(tmp_path):
+    from haodiff_data.segment.sapiens_standin import StandinConfig, write_standin
+
+    path = tmp_path / "standin_torchscript.pt2"
+    write_standin(str(path), StandinConfig(width=32, depth=1, heads=2, head_channels=8))
+    images = [np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8) for i in range(2)]
+    fp32 = make_segmenter("sapiens", checkpoint=str(path))
+    bf16 = make_segmenter("sapiens", checkpoint=str(path), precision="bf16")
+    assert fp32.model_id == "standin_torchscript.pt2" and bf16.model_id == "standin_torchscript.pt2@bf16"
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    a, b = fp32.segment(images), bf16.segment(images)
+    same = np.mean([np.mean(x.parts == y.parts) for x, y in zip(a, b)])
+    assert 0.5 < same < 1.0  # the same model, computed in another precision: close, not identical
+    with pytest.raises(ValueError, match="tf32 applies to CUDA"):
+        make_segmenter("sapiens", checkpoint=str(path), precision="tf32")
+    with pytest.raises(ValueError, match="takes no precision"):
+        make_segmenter("mediapipe", precision="bf16")
+
+
+def _members(out, suffix: str) -> list[bytes]:
+    import tarfile
+
+    found = []
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            found += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(suffix)]
+    return found
+
+
+def test_seg_precision_reaches_the_samples_and_is_refused_where_meaningless(tmp_path, capsys, tiny_torchscript):
+    assert _run_synth(tmp_path / "a", "--checkpoint", tiny_torchscript, "--seg-precision", "bf16") == 0
+    metas = [json.loads(m) for m in _members(tmp_path / "a", ".json")]
+    assert metas and {m["segmenter"]["model_id"] for m in metas} == {"tiny_seg_torchscript.pt2@bf16"}
+    assert _run_synth(tmp_path / "b", "--checkpoint", tiny_torchscript, "--seg-precision", "tf32") == 2
+    assert "--seg-precision" in capsys.readouterr().err and not list((tmp_path / "b").glob("*.tar"))

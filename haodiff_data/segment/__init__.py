@@ -87,12 +87,15 @@ def make_segmenter(
     device: str = "cpu",
     batch_size: int = 4,
     labels_dir: str | None = None,
+    precision: str | None = None,
 ) -> Segmenter:
-    """Build a segmenter by name. ``device`` and ``batch_size`` only matter for ``sapiens``."""
+    """Build a segmenter by name. ``device``, ``batch_size`` and ``precision`` only matter for ``sapiens``."""
     if name not in SEGMENTERS:
         raise ValueError(f"segmenter: unknown name {name!r}, expected one of {', '.join(SEGMENTERS)}")
     if checkpoint is not None and name != "sapiens":
         raise ValueError(f"segmenter {name!r} takes no checkpoint (got {checkpoint!r}); only 'sapiens' does")
+    if precision is not None and name != "sapiens":
+        raise ValueError(f"segmenter {name!r} takes no precision (got {precision!r}); only 'sapiens' does")
     if labels_dir is not None and name != "labels":
         raise ValueError(f"segmenter {name!r} takes no labels_dir (got {labels_dir!r}); only 'labels' does")
     if name == "mediapipe":
@@ -104,7 +107,7 @@ def make_segmenter(
             raise ValueError("segmenter 'sapiens' needs checkpoint= (a Sapiens lite *_torchscript.pt2 or *.pt2 file)")
         from haodiff_data.segment.sapiens import SapiensSegmenter
 
-        return SapiensSegmenter(checkpoint, device=device, batch_size=batch_size)
+        return SapiensSegmenter(checkpoint, device=device, batch_size=batch_size, precision=precision)
     if labels_dir is None:
         raise ValueError("segmenter 'labels' needs labels_dir= (a folder of <source stem>.png label maps)")
     from haodiff_data.segment.labels import LabelsSegmenter
