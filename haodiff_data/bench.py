@@ -44,8 +44,10 @@ class SegmenterChoice:
     precision: str | None = None
 
 
-# Batch sizes at which a Sapiens checkpoint's throughput is timed (images of 512x512 crops).
-SEGMENT_BATCHES = (1, 4, 16)
+# Batch sizes at which a Sapiens checkpoint's throughput is timed, and how many 512x512 crops:
+# a 0.3B model takes seconds per crop on a CPU, ~0.1 s on a GPU.
+SEGMENT_BATCHES = {"cuda": (1, 4, 16), "cpu": (1, 4)}
+SEGMENT_IMAGES = {"cuda": 32, "cpu": 4}
 
 
 def _mean_ms(fn: Callable[[int], Any], n: int) -> float:
@@ -114,14 +116,16 @@ def stage_timings(recipe: Recipe, n: int, seed: int, seg: SegmenterChoice = Segm
 
 # Samples per source in the end-to-end run: a data set has many photos and few crops of each.
 E2E_SAMPLES_PER_SOURCE = 2
+SEGMENTATION_STAGES = ("person_search", "segment")  # the synth worker's timer names
 
 
-def segment_throughput(seg: SegmenterChoice, batches: tuple[int, ...] = SEGMENT_BATCHES,
-                       images: int = 32) -> dict[str, float]:
+def segment_throughput(seg: SegmenterChoice) -> dict[str, float]:
     """Images/s of one segmenter process at each batch size, on 512x512 crops of the astronaut.
 
     On CUDA the largest batch is also timed in the other precisions, each with the share of
     pixels labelled as at the chosen one."""
+    kind = "cuda" if seg.device.startswith("cuda") else "cpu"
+    batches, images = SEGMENT_BATCHES[kind], SEGMENT_IMAGES[kind]
     hq = cv2.cvtColor(cv2.imread(str(ASSETS_DIR / "astronaut.png")), cv2.COLOR_BGR2RGB)
     crops = [np.ascontiguousarray(np.roll(hq, 8 * i, axis=1)) for i in range(images)]
     out: dict[str, float] = {}
@@ -139,7 +143,7 @@ def segment_throughput(seg: SegmenterChoice, batches: tuple[int, ...] = SEGMENT_
 
     for batch in batches:
         reference = timed(batch, seg.precision)
-    if seg.device.startswith("cuda"):
+    if kind == "cuda":
         for precision in ("fp32", "tf32", "bf16"):
             if precision != seg.precision:
                 labels = timed(max(batches), precision)
@@ -175,6 +179,8 @@ def end_to_end(recipe: Recipe, samples: int, workers: int, seed: int,
         "peak_worker_rss_mib": inv["worker_peak_rss_mib"],
         "worker_cpu_ms_per_sample": inv["cpu_ms_per_sample"],
         "stage_ms_per_sample_in_run": inv["stage_ms_per_sample"],
+        "segmentation_share": round(sum(v for k, v in inv["stage_ms_per_sample"].items() if k in SEGMENTATION_STAGES)
+                                    / max(sum(inv["stage_ms_per_sample"].values()), 1e-9), 3),
     }
 
 
@@ -209,6 +215,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"end to end: {e2e['samples']} samples with {e2e['workers']} workers in {e2e['wall_s']} s = "
             f"{e2e['samples_per_s']} samples/s; peak worker RSS {e2e['peak_worker_rss_mib']} MiB; "
-            f"worker CPU {e2e['worker_cpu_ms_per_sample']} ms per sample"
+            f"worker CPU {e2e['worker_cpu_ms_per_sample']} ms per sample; segmentation "
+            f"{100 * e2e['segmentation_share']:.0f}% of the workers' stage time"
         )
     return "\n".join(lines)

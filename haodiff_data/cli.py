@@ -76,7 +76,8 @@ def _add_segmenter_args(p: argparse.ArgumentParser, choices: tuple[str, ...]) ->
     p.add_argument("--segmenter", choices=choices, default="mediapipe",
                    help="body-part segmenter: mediapipe (embedded, default), sapiens (needs --checkpoint)"
                         + (", labels (precomputed maps in --labels-dir)" if "labels" in choices else ""))
-    p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)")
+    p.add_argument("--checkpoint", help="Sapiens lite checkpoint (*_torchscript.pt2 or exported *.pt2)"
+                   + ("; bench without it: a random-weight Sapiens-0.3B-sized stand-in" if "labels" not in choices else ""))
     p.add_argument("--device", default="cpu", help="device for the sapiens segmenter: cpu or cuda[:N] (default: cpu)")
     p.add_argument("--seg-precision", choices=("fp32", "tf32", "bf16"), default=None,
                    help="sapiens arithmetic: fp32, tf32 (CUDA; 1.65x on an H200) or bf16 weights (default: "
@@ -337,19 +338,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
     from haodiff_data.bench import SegmenterChoice, format_table, run_bench
 
-    from haodiff_data.run import RunError
-
-    if args.segmenter == "sapiens":
-        if not args.checkpoint:
-            raise RunError("--segmenter sapiens needs --checkpoint PATH (a Sapiens lite *_torchscript.pt2 or *.pt2)")
-        from haodiff_data.segment.sapiens import check_checkpoint
-
-        check_checkpoint(args.checkpoint, args.device)
     _check_seg_precision(args, args.device)
-    seg = SegmenterChoice(args.segmenter, args.checkpoint, args.device, args.seg_precision)
-    result = run_bench(_load_recipe(args), args.samples, args.workers, args.end_to_end_samples, args.seed, seg)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if args.segmenter == "sapiens":
+            from haodiff_data.segment.sapiens import check_checkpoint
+
+            if checkpoint is None:
+                from haodiff_data.segment.sapiens_standin import write_standin
+
+                checkpoint = os.path.join(tmp, "sapiens_0.3b_random_torchscript.pt2")
+                print(f"no --checkpoint: timing a random-weight Sapiens-0.3B-sized stand-in ({checkpoint})",
+                      file=sys.stderr)
+                write_standin(checkpoint, device=args.device)
+            check_checkpoint(checkpoint, args.device)
+        seg = SegmenterChoice(args.segmenter, checkpoint, args.device, args.seg_precision)
+        result = run_bench(_load_recipe(args), args.samples, args.workers, args.end_to_end_samples, args.seed, seg)
     print(json.dumps(result) if args.json else format_table(result))
     return EXIT_OK
 

@@ -1,4 +1,5 @@
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -211,14 +212,34 @@ def test_sapiens_size_default_is_0_3b():
 def test_bench_times_a_sapiens_checkpoint(tiny_torchscript, capsys):
     from haodiff_data.cli import main
 
-    assert main(["bench", "--json", "--samples", "1", "--end-to-end-samples", "0", "--segmenter", "sapiens",
-                 "--checkpoint", tiny_torchscript]) == 0
+    assert main(["bench", "--json", "--samples", "1", "--end-to-end-samples", "2", "--workers", "1",
+                 "--segmenter", "sapiens", "--checkpoint", tiny_torchscript]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["segmenter"] == "sapiens tiny_seg_torchscript.pt2 on cpu"
-    assert set(result["segment_images_per_s"]) == {"1", "4", "16"}
+    assert set(result["segment_images_per_s"]) == {"1", "4"}  # the CPU's batches
     assert all(v > 0 for v in result["segment_images_per_s"].values())
-    assert main(["bench", "--segmenter", "sapiens"]) == 2
-    assert "--checkpoint" in capsys.readouterr().err
+    e2e = result["end_to_end"]
+    assert e2e["samples"] == 2 and 0 < e2e["segmentation_share"] < 1
+    assert e2e["stage_ms_per_sample_in_run"]["segment"] > 0
+
+
+def test_bench_without_a_checkpoint_times_a_standin(monkeypatch, capsys):
+    from haodiff_data.cli import main
+    from haodiff_data.segment import sapiens_standin
+
+    written = []
+
+    def small(path, cfg=None, device="cpu", seed=0):  # the real writer, at a test's size
+        written.append(path)
+        return write(path, sapiens_standin.StandinConfig(width=32, depth=1, heads=2, head_channels=8), device, seed)
+
+    write = sapiens_standin.write_standin
+    monkeypatch.setattr(sapiens_standin, "write_standin", small)
+    assert main(["bench", "--json", "--samples", "1", "--end-to-end-samples", "0", "--segmenter", "sapiens"]) == 0
+    captured = capsys.readouterr()
+    assert "random-weight Sapiens-0.3B-sized stand-in" in captured.err
+    assert json.loads(captured.out)["segmenter"].startswith("sapiens sapiens_0.3b_random_torchscript.pt2 on cpu")
+    assert len(written) == 1 and not os.path.exists(written[0])  # a temporary file, removed after
 
 
 def test_precision_is_applied_recorded_and_checked(tmp_path):
