@@ -11,7 +11,7 @@ The official `SwinIRWithDualPerformerAdapter` (training=True) maps the detached 
 Module and parameter names are the official ones, so these keys live at the top level of
 `img_encoder_weights.pth` next to feature_extractor./main_performer./aux_performer.
 `save_img_encoder_with_changers` / `load_sdxl_conditioner` write and read them; the prompt
-encoder itself loads with `checkpoint.load_img_encoder`, which reports them as ignored.
+encoder itself loads with `DualPromptEncoder.from_pretrained`, which reports them as ignored.
 
 SDXL also needs `time_ids` (orig h, w, crop top, left, target h, w). The official adapter does not
 make them; we ASSUME the constant SDXL default for uncropped images of the training size,
@@ -32,7 +32,6 @@ from haodiff_model.io.official import (
     CheckpointMismatchError,
     LoadReport,
     load_state_dict_checked,
-    save_img_encoder,
 )
 from haodiff_model.nets.layers import init_default_
 from haodiff_model.nets.prompt import AttentionPool, DualPromptEncoder
@@ -177,7 +176,7 @@ def save_img_encoder_with_changers(encoder: DualPromptEncoder, conditioner: SDXL
     if conditioner is not None:
         names = [prefix.removesuffix(".") for prefix in CHANGER_PREFIXES]
         changers = {name: getattr(conditioner, name) for name in names}
-    return save_img_encoder(encoder, path, extra=changers)
+    return encoder.save_pretrained(path, extra=changers)
 
 
 def load_sdxl_conditioner(path: str | Path, strict: bool = True,

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from haodiff_model.io.official import load_dpg_weights
 from haodiff_model.nets.dpg import DPGNetwork
 from haodiff_model.restore.convert import dpg_config_for
 from haodiff_model.restore.run import plan_jobs, run_restore, write_rejects
@@ -60,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from haodiff_model.restore.settings import SettingsError
 
     try:
-        model = DPGNetwork(dpg_config_for(args.dpg, args.dpg_config))
-        load_dpg_weights(model, args.dpg)
+        model = DPGNetwork.from_pretrained(args.dpg, dpg_config_for(args.dpg, args.dpg_config))
         model = model.to(args.device).eval()
         jobs, rejects = plan_jobs(args.inputs, args.out)
     except (FileNotFoundError, SettingsError, ConfigError, CheckpointMismatchError) as exc:
