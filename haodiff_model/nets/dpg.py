@@ -219,8 +219,9 @@ class DPGFeatureExtractor(nn.Module):
     def _rstb(self, i: int, dpr: list[float]) -> RSTB:
         c = self.cfg
         start = sum(c.depths[:i])
-        return RSTB(c.embed_dim, c.depths[i], c.num_heads[i], c.window, c.shift, c.mlp_ratio, c.qkv_bias,
-                    c.qk_scale, dpr[start:start + c.depths[i]], c.resi_connection, c.attention)
+        return RSTB(c.embed_dim, c.depths[i], c.num_heads[i], c.window, shift=c.shift, mlp_ratio=c.mlp_ratio,
+                    qkv_bias=c.qkv_bias, qk_scale=c.qk_scale, drop_path=dpr[start:start + c.depths[i]],
+                    resi_connection=c.resi_connection, attention=c.attention)
 
     def _build(self) -> None:
         c = self.cfg
