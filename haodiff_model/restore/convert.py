@@ -15,7 +15,7 @@ read it.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 import torch
@@ -23,7 +23,10 @@ import torch
 from haodiff_model.io.official import IMG_ENCODER_FILE, CheckpointMismatchError, dpg_config_of, load_dpg_weights
 from haodiff_model.nets.dpg import DPGConfig
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
+from haodiff_model.log import EXIT_OK, EXIT_USAGE, setup_logging
 from haodiff_model.restore.settings import SettingsError, diff_keys
+
+log = logging.getLogger(__name__)
 
 
 def dpg_config_for(dpg_path: Path, config_yaml: Path | None) -> DPGConfig:
@@ -69,17 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpg-config", type=Path, default=None, help="training config whose dpg section describes --dpg")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of fresh prompt embedders")
     args = p.parse_args(argv)
+    setup_logging("haodiff-restore convert")
     from haodiff_model.config import ConfigError
 
     try:
         path, notes = convert(args.dpg, args.out, args.prompt_from, args.dpg_config, args.seed)
     except (FileNotFoundError, SettingsError, ConfigError, CheckpointMismatchError) as exc:
-        print(f"haodiff-restore convert: error: {exc}", file=sys.stderr)
-        return 2
+        log.error("%s", exc)
+        return EXIT_USAGE
     for note in notes:
-        print(note, file=sys.stderr)
-    print(f"haodiff-restore convert: wrote {path}")
-    return 0
+        log.info(note)
+    log.info(f"haodiff-restore convert: wrote {path}")
+    return EXIT_OK
 
 
 __all__ = ["convert", "dpg_config_for", "main"]

@@ -270,7 +270,7 @@ def _load_init_weights(model: DPGNetwork, path: str) -> str:
         raise CheckpointMismatchError(f"model.init_weights does not fit the dpg section: {summary}") from None
 
 
-def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] = print,
+def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] | None = None,
           ctx: DistContext | None = None) -> tuple[Path, DPGNetwork]:
     """Run stage 1 to `train.max_steps` on every rank (joining the launcher's process group unless
     `ctx` is given); returns the final official-layout weights file and the trained network."""
