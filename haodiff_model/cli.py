@@ -10,7 +10,8 @@ Multi-GPU / multi-node: start it under a launcher (one process per GPU), e.g.
         -m haodiff_model.cli dpg --config pipelines/train_dpg.yaml      # on each node R = 0, 1
 Only rank 0 writes (logs, checkpoints); it also reads the checkpoint on --resume and sends it to the
 other ranks, so nodes need no shared disk for the run folder (shards must be readable everywhere).
-Each stage's module is imported only when its subcommand runs.
+Each stage's module is imported only when its subcommand runs. Output and exit codes: haodiff_model/log.py
+(as haodiff-data: 0 success, 2 bad arguments or a run that cannot start).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 
 from haodiff_data.config import ConfigError
+from haodiff_model.log import EXIT_USAGE, setup_logging
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = setup_logging(f"haodiff-train {args.stage}")
     from haodiff_model.io.official import CheckpointMismatchError
 
     try:
@@ -52,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_osd(args)
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, FileExistsError) as exc:
-        print(f"haodiff-train {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
+        log.error("%s", exc)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def write_tiny_folders(root: str | Path, seed: int = 0, lora_scale: float = 0.05
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from haodiff_model.bench.osd import TINY_UNET_CONFIG
-    from haodiff_model.io.official import save_img_encoder, save_lora_weights
+    from haodiff_model.io.official import save_lora_weights
     from haodiff_model.nets.restorer import ADAPTER, SD21_BASE_SCHEDULER_CONFIG, add_unet_lora, lora_layers
 
     root = Path(root)
@@ -71,7 +71,7 @@ def write_tiny_folders(root: str | Path, seed: int = 0, lora_scale: float = 0.05
             b = layer.lora_B[ADAPTER].weight
             b.copy_(torch.randn(b.shape, generator=g) * lora_scale)
     save_lora_weights(unet, weights)
-    save_img_encoder(_prompt_encoder(False, seed + 2), weights)
+    _prompt_encoder(False, seed + 2).save_pretrained(weights)
     return base, weights
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -28,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from haodiff_model.eval.metrics import LPIPS_NETS, PerceptualMetrics, load_lpips, pixel_metrics
+from haodiff_model.log import EXIT_OK, EXIT_USAGE, setup_logging
 
-EXIT_OK, EXIT_USAGE = 0, 2
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "psnr_y": True, "ssim_y": True, "lpips": False, "dists": False}
 
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         hmbr = compute_hmbr(args.inputs, args.restored, args.detector, imgsz=args.detector_imgsz,
                             device=args.device, progress=not args.no_progress, **conf)
         hmbr.write(out)
-        print(f"haodiff-eval: {hmbr.summary_line()}; wrote {out / 'hmbr.json'}")
+        log.info(f"haodiff-eval: {hmbr.summary_line()}; wrote {out / 'hmbr.json'}")
         if args.reference is None:
             return EXIT_OK
     restored = index_images(args.restored, exclude=out)
@@ -229,12 +231,12 @@ def run(args: argparse.Namespace) -> int:
     write_sheet(out / "sheet.png", picks, images)
 
     width = max(len(n) for n in names + ["mean"])
-    print(f"{'image':{width}s}  " + "  ".join(f"{k:>8s}" for k in keys))
+    log.info(f"{'image':{width}s}  " + "  ".join(f"{k:>8s}" for k in keys))
     for name, row in zip(names, rows):
-        print(f"{name:{width}s}  " + "  ".join(f"{_fmt(row[k]):>8s}" for k in keys))
-    print(f"{'mean':{width}s}  " + "  ".join(f"{_fmt(mean[k]):>8s}" for k in keys))
-    print(f"haodiff-eval: {len(names)} pairs in {time.perf_counter() - start:.1f} s, crop border {args.crop_border}; "
-          f"wrote {out / 'metrics.csv'}, {out / 'metrics.json'}, {out / 'sheet.png'}")
+        log.info(f"{name:{width}s}  " + "  ".join(f"{_fmt(row[k]):>8s}" for k in keys))
+    log.info(f"{'mean':{width}s}  " + "  ".join(f"{_fmt(mean[k]):>8s}" for k in keys))
+    log.info(f"haodiff-eval: {len(names)} pairs in {time.perf_counter() - start:.1f} s, crop border {args.crop_border}; "
+             f"wrote {out / 'metrics.csv'}, {out / 'metrics.json'}, {out / 'sheet.png'}")
     return EXIT_OK
 
 
@@ -242,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     from haodiff_data.detect.yolo import DetectorError
 
     args = build_parser().parse_args(argv)
+    setup_logging("haodiff-eval")
     try:
         return run(args)
     except (FileNotFoundError, ValueError, DetectorError) as exc:
-        print(f"haodiff-eval: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return EXIT_USAGE
 
 

@@ -3,7 +3,11 @@
 `img_encoder_weights.pth` (stage 2) is a torch.save dict {model_state_dict, swinir_kwargs,
 performer_kwargs}, as the official `SwinIRWithDualPerformerAdapter.save` writes it. A stage-1
 DPG checkpoint is a plain state dict of the official multi-branch `SwinIR`, which the official
-adapter loads into its feature extractor by name.
+adapter loads into its feature extractor by name; ours carry their architecture in `dpg.json`
+beside them (haodiff's own file, restore/settings.py), since the official file has none.
+
+The networks' `from_pretrained` / `save_pretrained` (and the restorer's LoRA methods) are the
+entry points; they call the functions here, the one place that knows these layouts.
 
 Loading never ignores a key silently: every key is loaded, or listed in the report as ignored
 with the reason (a by-design official extra: derived buffers, the performer-pytorch duplicate
@@ -37,8 +41,10 @@ from haodiff_model.nets.performer import Performer, add_official_duplicates
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
 from haodiff_model.nets.restorer import ADAPTER, lora_layers
 from haodiff_model.nets.swin import SwinTransformerBlock, WindowAttention, relative_position_index
+from haodiff_model.restore.settings import diff_keys, dpg_sidecar, read_dpg_sidecar, write_dpg_sidecar
 
 IMG_ENCODER_FILE = "img_encoder_weights.pth"
+DPG_FILE = "dpg.pth"
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "model_state_dict")
 
 
@@ -296,13 +302,47 @@ def load_img_encoder(path: str | Path, strict: bool = True, attention: str = "sd
     return encoder, report
 
 
-def save_dpg(model: DPGFeatureExtractor, path: str | Path, official_layout: bool = True) -> Path:
-    """Write a stage-1 DPG checkpoint as a plain state dict (the file the official adapter loads)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_dpg(model: DPGFeatureExtractor, path: str | Path, official_layout: bool = True,
+             with_config: bool = False) -> Path:
+    """Write a stage-1 DPG checkpoint as a plain state dict (the file the official adapter loads)
+    to `path` (a .pth/.pt file) or `path`/dpg.pth; `with_config` adds its architecture as dpg.json
+    beside it, which `load_dpg` reads back."""
+    path = _target_file(path, DPG_FILE, (".pth", ".pt"))
     sd = official_state_dict(model) if official_layout else model.state_dict()
     torch.save(_cpu_state(sd), path)
+    if with_config:
+        write_dpg_sidecar(path, model.cfg.to_swinir_kwargs())
     return path
+
+
+def dpg_config_of(path: str | Path, config: DPGConfig | None = None) -> DPGConfig:
+    """The architecture of the stage-1 file `path`: its dpg.json, else `config`; both must agree."""
+    stored = read_dpg_sidecar(path)
+    if stored is None:
+        if config is None:
+            raise CheckpointMismatchError(f"{path} carries no architecture and there is no {dpg_sidecar(path).name} "
+                                          "beside it; give the DPGConfig it was trained with")
+        return config
+    attention = config.attention if config is not None else "sdpa"
+    cfg = DPGConfig.from_swinir_kwargs(stored, attention)
+    if config is not None:
+        problems = diff_keys(config.to_swinir_kwargs(), cfg.to_swinir_kwargs(), "dpg")
+        if problems:
+            raise CheckpointMismatchError(f"the given DPGConfig contradicts {dpg_sidecar(path)}: " + "; ".join(problems))
+    return cfg
+
+
+def load_dpg(cls: type[DPGFeatureExtractor], path: str | Path, config: DPGConfig | None = None, strict: bool = True,
+             param_key: str | None = None, weights_only: bool = True) -> tuple[DPGFeatureExtractor, LoadReport]:
+    """Build `cls` (DPGNetwork or DPGFeatureExtractor) for the stage-1 file `path` (or `path`/dpg.pth),
+    its architecture from dpg.json beside it or `config`, and load the weights."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DPG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    model = cls(dpg_config_of(path, config))
+    return model, load_dpg_weights(model, path, strict, param_key, weights_only)
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -361,13 +401,16 @@ def save_lora_weights(unet: nn.Module, path: str | Path) -> Path:
     return target
 
 
+def _lora_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / LORA_FILE if path.is_dir() else path
+
+
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA file (or of `pytorch_lora_weights.safetensors` inside a directory)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_FILE
+    path = _lora_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     return load_file(str(path))
@@ -395,7 +438,7 @@ def load_lora_weights(unet: nn.Module, source: str | Path | Mapping[str, torch.T
     Every key is accounted for: loaded, or reported missing/unexpected by name (which raises
     LoraFileError unless strict=False). Shape mismatches always raise.
     """
-    name = str(source) if not isinstance(source, Mapping) else "LoRA state dict"
+    name = str(_lora_path(source)) if not isinstance(source, Mapping) else "LoRA state dict"
     sd = dict(source) if isinstance(source, Mapping) else read_lora_file(source)
     report = LoraLoadReport(name)
     layers = dict(lora_layers(unet))
@@ -462,9 +505,8 @@ def merge_lora_into_unet(unet: nn.Module, source: str | Path | Mapping[str, torc
     return merged
 
 
-
-__all__ = ["CheckpointMismatchError", "IMG_ENCODER_FILE", "LORA_FILE", "LoadReport", "LoraFileError",
-           "LoraLoadReport", "load_dpg_weights", "load_img_encoder", "load_lora_weights", "load_state_dict_checked",
+__all__ = ["CheckpointMismatchError", "DPG_FILE", "IMG_ENCODER_FILE", "LORA_FILE", "LoadReport", "LoraFileError",
+           "LoraLoadReport", "dpg_config_of", "load_dpg", "load_dpg_weights", "load_img_encoder", "load_lora_weights", "load_state_dict_checked",
            "lora_modules_in", "lora_state_dict", "merge_lora_into_unet", "official_extra_keys",
            "official_state_dict", "read_lora_file", "save_dpg", "save_img_encoder", "save_lora_weights",
            "unwrap_dpg_state_dict"]

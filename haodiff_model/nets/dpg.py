@@ -4,8 +4,9 @@
 conv downsampler -> shared trunk of RSTBs -> long skip -> one RSTB stack per branch -> shared
 LayerNorm, returning per-branch raster tokens. `DPGNetwork` is the stage-1 training network: the
 same modules plus one nearest+conv upsampler head per branch (HQ image, residual LQ-HQ, HMB mask
-logits). Parameter names equal the official ones, so the two load each other's state dicts with
-`load_dpg_weights` (io/official.py) and the official files load by name.
+logits). Parameter names equal the official ones, so the two load each other's state dicts and the
+official files load by name: `DPGNetwork.from_pretrained(path)` / `save_pretrained(path)` read and
+write the stage-1 file (with its architecture in dpg.json beside it; io/official.py owns the layout).
 
 Differences from the official module list, on purpose: the stage-1 network does not build the
 dead `layers.2/3` RSTBs the official one carries (never used in its forward; loading reports and
@@ -18,7 +19,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from haodiff_model.nets.swin import (
     ATTENTION_MODES, RSTB, DropPath, WindowAttention, WindowGeometry, image_to_tokens, init_swin_,
     residual_conv, tokens_to_image,
 )
+
+if TYPE_CHECKING:
+    from haodiff_model.io.official import LoadReport
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 # swinir_kwargs keys the official code accepts that carry no architecture: kept out of DPGConfig.
@@ -215,8 +219,9 @@ class DPGFeatureExtractor(nn.Module):
     def _rstb(self, i: int, dpr: list[float]) -> RSTB:
         c = self.cfg
         start = sum(c.depths[:i])
-        return RSTB(c.embed_dim, c.depths[i], c.num_heads[i], c.window, c.shift, c.mlp_ratio, c.qkv_bias,
-                    c.qk_scale, dpr[start:start + c.depths[i]], c.resi_connection, c.attention)
+        return RSTB(c.embed_dim, c.depths[i], c.num_heads[i], c.window, shift=c.shift, mlp_ratio=c.mlp_ratio,
+                    qkv_bias=c.qkv_bias, qk_scale=c.qk_scale, drop_path=dpr[start:start + c.depths[i]],
+                    resi_connection=c.resi_connection, attention=c.attention)
 
     def _build(self) -> None:
         c = self.cfg
@@ -252,6 +257,25 @@ class DPGFeatureExtractor(nn.Module):
 
     def _heads(self) -> nn.Module:
         return nn.ModuleList()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: DPGConfig | None = None, strict: bool = True,
+                        param_key: str | None = None, weights_only: bool = True, output_loading_info: bool = False
+                        ) -> DPGFeatureExtractor | tuple[DPGFeatureExtractor, LoadReport]:
+        """The network of a stage-1 file (`path`, or `path`/dpg.pth): architecture from dpg.json beside
+        it, else `config` (an official file has none); every key accounted for as in `load_dpg_weights`.
+        Returns the model, or (model, LoadReport) with output_loading_info."""
+        from haodiff_model.io.official import load_dpg  # io builds on the nets: imported on use
+
+        model, report = load_dpg(cls, path, config, strict, param_key, weights_only)
+        return (model, report) if output_loading_info else model
+
+    def save_pretrained(self, path: str | Path, official_layout: bool = True) -> Path:
+        """Write the official stage-1 file to `path` (a .pth file) or `path`/dpg.pth, with dpg.json
+        (this architecture) beside it; returns the weights file."""
+        from haodiff_model.io.official import save_dpg
+
+        return save_dpg(self, path, official_layout, with_config=True)
 
     def set_attention(self, mode: str) -> None:
         """Switch every window attention between "sdpa" and "explicit" (same weights)."""

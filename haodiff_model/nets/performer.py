@@ -178,14 +178,19 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
+    """w1 -> act -> drop -> w2 (timm's `Mlp` signature; performer-pytorch names)."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(dim, dim * mult)
-        self.act = nn.GELU()
-        self.w2 = nn.Linear(dim * mult, dim)
+        hidden_features = hidden_features or in_features
+        self.w1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.w2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)))
+        return self.w2(self.drop(self.act(self.w1(x))))
 
 
 class Chunk(nn.Module):
@@ -246,7 +251,7 @@ class Performer(nn.Module):
             self.net = SequentialSequence(nn.ModuleList([
                 nn.ModuleList([
                     PreLayerNorm(dim, SelfAttention(dim, heads, dim_head, nb_features)),
-                    PreLayerNorm(dim, Chunk(FeedForward(dim, ff_mult))),
+                    PreLayerNorm(dim, Chunk(FeedForward(dim, hidden_features=dim * ff_mult))),
                 ])
                 for _ in range(depth)
             ]))

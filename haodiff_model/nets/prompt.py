@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from haodiff_model.config import read_section
 from haodiff_model.nets.dpg import DPGConfig, DPGFeatureExtractor
 from haodiff_model.nets.layers import init_default_
 from haodiff_model.nets.performer import Performer, init_performer_
+
+if TYPE_CHECKING:
+    from haodiff_model.io.official import LoadReport
 
 # official performer_kwargs keys; the official constructor swallows any other key
 OFFICIAL_PERFORMER_KWARGS = ("dim_head", "embed_dim", "mid_tokens", "out_tokens", "num_layers",
@@ -204,6 +207,25 @@ class DualPromptEncoder(nn.Module):
     @property
     def performer_kwargs(self) -> dict[str, Any]:
         return self.prompt_config.to_performer_kwargs()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, strict: bool = True, attention: str = "sdpa",
+                        weights_only: bool = True, output_loading_info: bool = False
+                        ) -> DualPromptEncoder | tuple[DualPromptEncoder, LoadReport]:
+        """The encoder of an img_encoder_weights.pth (file or its folder), architecture from its
+        swinir_kwargs / performer_kwargs. Returns the model, or (model, LoadReport) with output_loading_info."""
+        from haodiff_model.io.official import load_img_encoder  # io builds on the nets: imported on use
+
+        encoder, report = load_img_encoder(path, strict, attention, weights_only)
+        return (encoder, report) if output_loading_info else encoder
+
+    def save_pretrained(self, path: str | Path, official_layout: bool = True,
+                        extra: Mapping[str, nn.Module] | None = None) -> Path:
+        """Write `path`/img_encoder_weights.pth (or `path` if it ends in .pth) as the official adapter
+        saves it; `extra` modules are stored under their names (the SDXL embedding changers)."""
+        from haodiff_model.io.official import save_img_encoder
+
+        return save_img_encoder(self, path, official_layout, extra)
 
     def performers(self) -> tuple[Performer, Performer]:
         return self.main_performer.encoder, self.aux_performer.encoder

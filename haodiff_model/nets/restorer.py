@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from haodiff_model.io.official import LoraLoadReport
 
 # stabilityai/stable-diffusion-2-1-base (model_spec C.1): unet/config.json, core fields.
 SD21_BASE_UNET_CONFIG: dict[str, Any] = {
@@ -226,6 +229,20 @@ class OneStepRestorer(nn.Module):
         if lora_rank is not None:
             add_unet_lora(unet, lora_rank, lora_alpha, lora_targets, generator)
         return cls(unet, vae, alphas_cumprod_from_config(scheduler_config), **kwargs)
+
+    def save_lora_weights(self, path: str | Path) -> Path:
+        """Write the UNet's LoRA as the official `pytorch_lora_weights.safetensors` into folder `path`
+        (or to `path` if it ends in .safetensors); the LoRA scale is folded in (the file means scale 1)."""
+        from haodiff_model.io.official import save_lora_weights  # io builds on the nets: imported on use
+
+        return save_lora_weights(self.unet, path)
+
+    def load_lora_weights(self, path: str | Path, strict: bool = True) -> LoraLoadReport:
+        """Copy an official-layout LoRA file (or the one in folder `path`) into the UNet's LoRA layers;
+        returns the LoraLoadReport (mismatched keys raise LoraFileError unless strict=False)."""
+        from haodiff_model.io.official import load_lora_weights
+
+        return load_lora_weights(self.unet, path, strict)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute UNet blocks and VAE-decoder blocks in the backward pass (non-reentrant)."""

@@ -11,7 +11,7 @@ The official `SwinIRWithDualPerformerAdapter` (training=True) maps the detached 
 Module and parameter names are the official ones, so these keys live at the top level of
 `img_encoder_weights.pth` next to feature_extractor./main_performer./aux_performer.
 `save_img_encoder_with_changers` / `load_sdxl_conditioner` write and read them; the prompt
-encoder itself loads with `checkpoint.load_img_encoder`, which reports them as ignored.
+encoder itself loads with `DualPromptEncoder.from_pretrained`, which reports them as ignored.
 
 SDXL also needs `time_ids` (orig h, w, crop top, left, target h, w). The official adapter does not
 make them; we ASSUME the constant SDXL default for uncropped images of the training size,
@@ -32,7 +32,6 @@ from haodiff_model.io.official import (
     CheckpointMismatchError,
     LoadReport,
     load_state_dict_checked,
-    save_img_encoder,
 )
 from haodiff_model.nets.layers import init_default_
 from haodiff_model.nets.prompt import AttentionPool, DualPromptEncoder
@@ -68,15 +67,20 @@ CHANGER_PREFIXES = ("embedding_changer1.", "embedding_changer2.")
 
 
 class TwoLayerLinear(nn.Module):
-    """Official embedding_changer1: Linear(in, in/2), SiLU, Linear(in/2, out), SiLU, per token."""
+    """Official embedding_changer1: Linear(in, in/2), SiLU, Linear(in/2, out), SiLU, per token
+    (timm's `Mlp` signature; unlike an MLP the output is activated too, as in the official module)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.SiLU, drop: float = 0.0):
         super().__init__()
-        self.linear1 = nn.Linear(in_features, in_features // 2)
-        self.linear2 = nn.Linear(in_features // 2, out_features)
+        hidden_features = hidden_features or in_features // 2
+        self.linear1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.linear2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(self.linear2(nn.functional.silu(self.linear1(x))))
+        return self.act(self.linear2(self.drop(self.act(self.linear1(x)))))
 
 
 class LinearTransform(nn.Module):
@@ -115,7 +119,7 @@ class SDXLConditioner(nn.Module):
         super().__init__()
         # the pooling variant accepts any token count; the flattening one exactly `tokens`
         self.embed_dim, self.tokens, self.light = embed_dim, (None if light else tokens), light
-        self.embedding_changer1 = TwoLayerLinear(embed_dim, cross_attention_dim)
+        self.embedding_changer1 = TwoLayerLinear(embed_dim, out_features=cross_attention_dim)
         if light:
             self.embedding_changer2 = nn.Sequential(AttentionPoolingLayer(embed_dim, 2),
                                                     LinearTransform(embed_dim, text_embed_dim))
@@ -177,7 +181,7 @@ def save_img_encoder_with_changers(encoder: DualPromptEncoder, conditioner: SDXL
     if conditioner is not None:
         names = [prefix.removesuffix(".") for prefix in CHANGER_PREFIXES]
         changers = {name: getattr(conditioner, name) for name in names}
-    return save_img_encoder(encoder, path, extra=changers)
+    return encoder.save_pretrained(path, extra=changers)
 
 
 def load_sdxl_conditioner(path: str | Path, strict: bool = True,

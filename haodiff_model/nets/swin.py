@@ -10,6 +10,7 @@ tables and shift masks come from a `WindowGeometry` computed once per token grid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,14 +116,19 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """fc1 -> act -> drop -> fc2 -> drop (timm's `Mlp` signature; official SwinIR names)."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class WindowAttention(nn.Module):
@@ -136,8 +142,8 @@ class WindowAttention(nn.Module):
     attention matrix materialised, as the official code does (the reference and the baseline).
     """
 
-    def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: float | None = None, mode: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attention: str = "sdpa"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}")
@@ -148,7 +154,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.empty((2 * window - 1) ** 2, num_heads))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.mode = mode
+        self.mode = attention
         self.register_load_state_dict_pre_hook(_drop_relative_position_index)
         self._bias_key: tuple | None = None
         self._bias: torch.Tensor | None = None
@@ -249,18 +255,22 @@ def _drop_attn_mask(module: nn.Module, state_dict: dict, prefix: str, *args) -> 
 
 
 class SwinTransformerBlock(nn.Module):
-    """Pre-LN (shifted) window attention + MLP, on a residual stream held in window order."""
+    """Pre-LN (shifted) window attention + MLP, on a residual stream held in window order.
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float,
+    `window` and `shift` are the values in effect (DPGConfig.window / .shift: the official code
+    clamps them when the token grid is no larger than window_size).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int = 0, mlp_ratio: float = 2.0,
                  qkv_bias: bool = True, qk_scale: float | None = None, drop_path: float = 0.0,
                  attention: str = "sdpa"):
         super().__init__()
         self.shift = shift
         self.norm1 = LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, qkv_bias, qk_scale, attention)
+        self.attn = WindowAttention(dim, num_heads, window, qkv_bias=qkv_bias, qk_scale=qk_scale, attention=attention)
         self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
         self.register_load_state_dict_pre_hook(_drop_attn_mask)
 
     def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
@@ -279,12 +289,16 @@ class SwinTransformerBlock(nn.Module):
 class BasicLayer(nn.Module):
     """`depth` Swin blocks, shift 0 on even and window//2 on odd indices (official `BasicLayer`)."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int, mlp_ratio: float,
-                 qkv_bias: bool, qk_scale: float | None, drop_path: list[float], attention: str):
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int = 0, mlp_ratio: float = 2.0,
+                 qkv_bias: bool = True, qk_scale: float | None = None, drop_path: float | Sequence[float] = 0.0,
+                 attention: str = "sdpa"):
         super().__init__()
+        rates = list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
+        if len(rates) != depth:
+            raise ValueError(f"BasicLayer: {len(rates)} drop-path rates for {depth} blocks")
         self.blocks = nn.ModuleList([
-            SwinTransformerBlock(dim, num_heads, window, 0 if i % 2 == 0 else shift, mlp_ratio,
-                                 qkv_bias, qk_scale, drop_path[i], attention)
+            SwinTransformerBlock(dim, num_heads, window, shift=0 if i % 2 == 0 else shift, mlp_ratio=mlp_ratio,
+                                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=rates[i], attention=attention)
             for i in range(depth)
         ])
 
@@ -321,12 +335,13 @@ def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
 class RSTB(nn.Module):
     """Residual Swin Transformer Block: blocks -> 3x3 conv (raster, channels_last) -> + input."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int, mlp_ratio: float,
-                 qkv_bias: bool, qk_scale: float | None, drop_path: list[float], resi_connection: str,
-                 attention: str):
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shift: int = 0, mlp_ratio: float = 2.0,
+                 qkv_bias: bool = True, qk_scale: float | None = None, drop_path: float | Sequence[float] = 0.0,
+                 resi_connection: str = "1conv", attention: str = "sdpa"):
         super().__init__()
-        self.residual_group = BasicLayer(dim, depth, num_heads, window, shift, mlp_ratio, qkv_bias, qk_scale,
-                                         drop_path, attention)
+        self.residual_group = BasicLayer(dim, depth, num_heads, window, shift=shift, mlp_ratio=mlp_ratio,
+                                         qkv_bias=qkv_bias, qk_scale=qk_scale, drop_path=drop_path,
+                                         attention=attention)
         self.conv = residual_conv(dim, resi_connection)
 
     def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:

@@ -15,11 +15,14 @@ finished but some inputs were rejected (OUT/rejects-r*.jsonl says why).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_USAGE, EXIT_REJECTS = 0, 2, 3
+from haodiff_model.log import EXIT_OK, EXIT_REJECTS, EXIT_USAGE, setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,18 +100,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "latent": args.latent, "timestep": args.timestep, "cfg_scale": args.cfg_scale}
     restorer, notes = HAODiffRestorer.from_folders(args.base, args.weights, _device(args.device), _options(args),
                                                    overrides)
-    if rank == 0:
-        for note in notes:
-            print(note.splitlines()[0], file=sys.stderr)
-        s = restorer.settings
-        print(f"t={s.timestep} cfg {s.cfg_scale} latent {s.latent} seed {s.seed} colour fix {args.color_fix} "
-              f"{args.precision} on {restorer.device}" + (f", rank {rank}/{world}" if world > 1 else ""),
-              file=sys.stderr)
-    summary = run_restore(restorer.restore, jobs, args.batch_size, args.overwrite, not args.no_progress)
+    for note in notes:
+        log.info(note.splitlines()[0])
+    s = restorer.settings
+    log.info(f"t={s.timestep} cfg {s.cfg_scale} latent {s.latent} seed {s.seed} colour fix {args.color_fix} "
+             f"{args.precision} on {restorer.device}" + (f", {world} ranks" if world > 1 else ""))
+    summary = run_restore(restorer.restore, jobs, args.batch_size, args.overwrite,
+                          not args.no_progress and rank == 0)  # one bar, not one per rank
     summary.rejected = (rejects if rank == 0 else []) + summary.rejected
     path = write_rejects(args.out, rank, summary.rejected)
-    print(f"haodiff-restore{f' rank {rank}' if world > 1 else ''}: {summary.line()}"
-          + (f"; reasons in {path}" if path else ""))
+    line = f"{summary.line()}" + (f"; reasons in {path}" if path else "")
+    if summary.rejected and rank:  # the other ranks' rejections must not go unseen
+        log.warning(line)
+    else:
+        log.info(f"haodiff-restore{f' rank {rank}' if world > 1 else ''}: {line}")
     return EXIT_REJECTS if summary.rejected else EXIT_OK
 
 
@@ -123,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return dpg_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from haodiff_model.io.official import CheckpointMismatchError
+    setup_logging("haodiff-restore")
     from haodiff_model.config import ConfigError
-    from haodiff_model.io.official import LoraFileError
+    from haodiff_model.io.official import CheckpointMismatchError, LoraFileError
     from haodiff_model.restore.settings import SettingsError
 
     try:
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return main_bench(args, _device(args.device))
         return cmd_restore(args)
     except (FileNotFoundError, ValueError, ConfigError, SettingsError, CheckpointMismatchError, LoraFileError) as exc:
-        print(f"haodiff-restore: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return EXIT_USAGE
 
 

@@ -15,32 +15,29 @@ read it.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 import torch
 
-from haodiff_model.io.official import IMG_ENCODER_FILE, load_dpg_weights, load_img_encoder, save_img_encoder
+from haodiff_model.io.official import IMG_ENCODER_FILE, CheckpointMismatchError, dpg_config_of, load_dpg_weights
 from haodiff_model.nets.dpg import DPGConfig
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
-from haodiff_model.restore.settings import SettingsError, diff_keys, dpg_sidecar, read_dpg_sidecar
+from haodiff_model.log import EXIT_OK, EXIT_USAGE, setup_logging
+from haodiff_model.restore.settings import SettingsError, diff_keys
+
+log = logging.getLogger(__name__)
 
 
 def dpg_config_for(dpg_path: Path, config_yaml: Path | None) -> DPGConfig:
     """The stage-1 architecture: the sidecar, else a training config's `dpg` section; both must agree."""
-    stored = read_dpg_sidecar(dpg_path)
     given = DPGConfig.from_yaml(config_yaml) if config_yaml is not None else None
-    if stored is None and given is None:
-        raise SettingsError(f"{dpg_path} carries no architecture and there is no {dpg_sidecar(dpg_path).name} beside "
-                            "it; pass the stage-1 training config with --dpg-config")
-    if stored is None:
-        return given
-    cfg = DPGConfig.from_swinir_kwargs(stored)
-    if given is not None:
-        problems = diff_keys(given.to_swinir_kwargs(), cfg.to_swinir_kwargs(), "dpg")
-        if problems:
-            raise SettingsError(f"--dpg-config {config_yaml} contradicts {dpg_sidecar(dpg_path)}: " + "; ".join(problems))
-    return cfg
+    try:
+        return dpg_config_of(dpg_path, given)
+    except CheckpointMismatchError as exc:
+        where = f"--dpg-config {config_yaml}: " if given is not None else ""
+        hint = "" if given is not None else " (the stage-1 training config, with --dpg-config)"
+        raise SettingsError(f"{where}{exc}{hint}") from None
 
 
 def convert(dpg_path: Path, out: Path, prompt_from: Path | None = None, config_yaml: Path | None = None,
@@ -48,7 +45,7 @@ def convert(dpg_path: Path, out: Path, prompt_from: Path | None = None, config_y
     dpg_cfg = dpg_config_for(dpg_path, config_yaml)
     notes = []
     if prompt_from is not None:
-        encoder, report = load_img_encoder(prompt_from)
+        encoder, report = DualPromptEncoder.from_pretrained(prompt_from, output_loading_info=True)
         notes.append(f"prompt embedders from {report.source}")
         problems = diff_keys({"embed_dim": dpg_cfg.embed_dim, "kept_branches": list(dpg_cfg.kept_branches)},
                              {"embed_dim": encoder.dpg_config.embed_dim,
@@ -63,7 +60,7 @@ def convert(dpg_path: Path, out: Path, prompt_from: Path | None = None, config_y
         encoder = DualPromptEncoder(dpg_cfg, PromptEmbedderConfig(), torch.Generator().manual_seed(seed))
         notes.append(f"prompt embedders freshly initialised (paper configuration, seed {seed})")
     notes.append(str(load_dpg_weights(encoder.feature_extractor, dpg_path)).splitlines()[0])
-    return save_img_encoder(encoder, out), notes
+    return encoder.save_pretrained(out), notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpg-config", type=Path, default=None, help="training config whose dpg section describes --dpg")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of fresh prompt embedders")
     args = p.parse_args(argv)
-    from haodiff_model.io.official import CheckpointMismatchError
+    setup_logging("haodiff-restore convert")
     from haodiff_model.config import ConfigError
 
     try:
         path, notes = convert(args.dpg, args.out, args.prompt_from, args.dpg_config, args.seed)
     except (FileNotFoundError, SettingsError, ConfigError, CheckpointMismatchError) as exc:
-        print(f"haodiff-restore convert: error: {exc}", file=sys.stderr)
-        return 2
+        log.error("%s", exc)
+        return EXIT_USAGE
     for note in notes:
-        print(note, file=sys.stderr)
-    print(f"haodiff-restore convert: wrote {path}")
-    return 0
+        log.info(note)
+    log.info(f"haodiff-restore convert: wrote {path}")
+    return EXIT_OK
 
 
 __all__ = ["convert", "dpg_config_for", "main"]

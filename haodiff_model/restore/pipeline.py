@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from haodiff_model.io.official import (
-    IMG_ENCODER_FILE, LORA_FILE, load_img_encoder, lora_modules_in, merge_lora_into_unet, read_lora_file,
+    IMG_ENCODER_FILE, LORA_FILE, lora_modules_in, merge_lora_into_unet, read_lora_file,
 )
 from haodiff_model.nets.prompt import DualPromptEncoder, prepare_dpg_input
 from haodiff_model.nets.restorer import OneStepRestorer, alphas_cumprod_from_config
@@ -188,7 +188,7 @@ class HAODiffRestorer:
         base, weights = Path(base), Path(weights)
         check_base_folder(base)
         check_weights_folder(weights)
-        encoder, report = load_img_encoder(weights)
+        encoder, report = DualPromptEncoder.from_pretrained(weights, output_loading_info=True)
         lora = read_lora_file(weights)
         _, rank = lora_modules_in(lora)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)

@@ -10,19 +10,20 @@ logits). The architecture comes from dpg.json beside the checkpoint (or --dpg-co
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from haodiff_model.io.official import load_dpg_weights
+from haodiff_model.log import EXIT_OK, EXIT_REJECTS, EXIT_USAGE, setup_logging
 from haodiff_model.nets.dpg import DPGNetwork
 from haodiff_model.restore.convert import dpg_config_for
 from haodiff_model.restore.run import plan_jobs, run_restore, write_rejects
 
 RESIDUAL_GAIN = 4.0
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -55,24 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    setup_logging("haodiff-restore dpg")
     from haodiff_model.io.official import CheckpointMismatchError
     from haodiff_model.config import ConfigError
     from haodiff_model.restore.settings import SettingsError
 
     try:
-        model = DPGNetwork(dpg_config_for(args.dpg, args.dpg_config))
-        load_dpg_weights(model, args.dpg)
+        model = DPGNetwork.from_pretrained(args.dpg, dpg_config_for(args.dpg, args.dpg_config))
         model = model.to(args.device).eval()
         jobs, rejects = plan_jobs(args.inputs, args.out)
     except (FileNotFoundError, SettingsError, ConfigError, CheckpointMismatchError) as exc:
-        print(f"haodiff-restore dpg: error: {exc}", file=sys.stderr)
-        return 2
+        log.error("%s", exc)
+        return EXIT_USAGE
     summary = run_restore(lambda ims: dpg_panels(model, ims, args.resize), jobs, 1, args.overwrite,
                           not args.no_progress)
     summary.rejected = rejects + summary.rejected
     path = write_rejects(args.out, 0, summary.rejected)
-    print(f"haodiff-restore dpg: {summary.line()}" + (f"; reasons in {path}" if path else ""))
-    return 3 if summary.rejected else 0
+    log.info(f"haodiff-restore dpg: {summary.line()}" + (f"; reasons in {path}" if path else ""))
+    return EXIT_REJECTS if summary.rejected else EXIT_OK
 
 
 __all__ = ["dpg_panels", "main"]

@@ -44,10 +44,10 @@ from torch import nn
 
 from haodiff_model.config import RunConfig
 from haodiff_model.eval.metrics import batch_psnr, mask_dice_iou
-from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights, save_dpg
+from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights
 from haodiff_model.losses.losses import Stage1Loss, stage1_loss
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
-from haodiff_model.restore.settings import dpg_sidecar, write_dpg_sidecar
+from haodiff_model.restore.settings import dpg_sidecar
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
 from haodiff_model.train.loop import (
@@ -270,7 +270,7 @@ def _load_init_weights(model: DPGNetwork, path: str) -> str:
         raise CheckpointMismatchError(f"model.init_weights does not fit the dpg section: {summary}") from None
 
 
-def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] = print,
+def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] | None = None,
           ctx: DistContext | None = None) -> tuple[Path, DPGNetwork]:
     """Run stage 1 to `train.max_steps` on every rank (joining the launcher's process group unless
     `ctx` is given); returns the final official-layout weights file and the trained network."""
@@ -313,8 +313,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
     run.start(step, resumed=state is not None)
 
     def write_outputs(folder: Path) -> None:
-        save_dpg(model, folder / DPG_WEIGHTS)
-        write_dpg_sidecar(folder / DPG_WEIGHTS, model.cfg.to_swinir_kwargs())
+        model.save_pretrained(folder / DPG_WEIGHTS)
 
     run.say(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_urls)} training "
             f"shard(s), {len(val_urls)} validation shard(s), world size {ctx.world_size}, device {ctx.device}, "

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -253,11 +254,11 @@ class Run:
     """
 
     def __init__(self, cfg: Any, ctx: DistContext, stage: str, plot_keys: Sequence[str],
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] | None = None):
         self.cfg, self.ctx, self.stage = cfg, ctx, stage
         self.out = Path(cfg.output.dir)
         self.plot_keys = list(plot_keys)
-        self._log = log
+        self._log = log or logging.getLogger(__name__).info  # console setup: haodiff_model/log.py
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.output.keep_last, enabled=ctx.is_main)
         self.metrics = MetricLogger(self.out, enabled=False)
 

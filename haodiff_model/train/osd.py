@@ -134,7 +134,7 @@ def _summary(step: int, max_steps: int, metrics: Mapping[str, float]) -> str:
             f"|g| {m['grad_norm']:.3f}  {m['it_per_s']:.2f} it/s  data wait {100 * m['data_wait_frac']:.0f}%")
 
 
-def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] = print,
+def train(cfg: TrainOSDConfig, resume: bool = False, log: Callable[[str], None] | None = None,
           ctx: DistContext | None = None) -> tuple[Path, Path]:
     """Run stage 2 to `train.max_steps` on every rank (joining the launcher's process group unless
     `ctx` is given); returns the final official files (img_encoder, LoRA)."""

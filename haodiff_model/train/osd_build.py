@@ -13,7 +13,7 @@ from torch import nn
 
 from haodiff_model.config import ConfigError
 from haodiff_model.io.official import (
-    CheckpointMismatchError, load_dpg_weights, load_img_encoder, load_lora_weights, lora_modules_in, read_lora_file,
+    CheckpointMismatchError, load_dpg_weights, lora_modules_in, read_lora_file,
 )
 from haodiff_model.losses.losses import EdgeAwareDISTS
 from haodiff_model.nets.discriminator import LatentDiscriminator
@@ -103,7 +103,7 @@ def build_prompt_encoder(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: 
     """Prompt encoder with the stage-1 DPG (model.dpg_weights) or a whole img_encoder file (model.init_img_encoder)."""
     if "model.init_img_encoder" in paths:
         path = paths["model.init_img_encoder"]
-        encoder, report = load_img_encoder(path, attention=cfg.dpg.attention)
+        encoder, report = DualPromptEncoder.from_pretrained(path, attention=cfg.dpg.attention, output_loading_info=True)
         _check_same_arch(cfg, encoder, path)
         notes.append(str(report))
         return encoder
@@ -137,7 +137,7 @@ def build_restorer(cfg: TrainOSDConfig, paths: Mapping[str, Path], notes: list[s
     if lora_file is not None:
         if sorted(targets) != sorted(lora_target_modules(restorer.unet)):
             notes.append(f"model.init_lora: LoRA on the file's {len(targets)} modules (not the default rule)")
-        notes.append(str(load_lora_weights(restorer.unet, lora_file)))
+        notes.append(str(restorer.load_lora_weights(lora_file)))
     return restorer
 
 

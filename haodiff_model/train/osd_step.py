@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from haodiff_model.io.official import CheckpointMismatchError, save_lora_weights
+from haodiff_model.io.official import CheckpointMismatchError
 from haodiff_model.losses.losses import stage2_loss
 from haodiff_model.nets.discriminator import discriminator_gan_loss, generator_gan_loss, noise_to_random_t
 from haodiff_model.nets.restorer import ADAPTER, RestorerOutput, cast_frozen_, lora_layers
@@ -204,7 +204,7 @@ def export_official(step: Stage2Step, folder: Path) -> tuple[Path, Path]:
         encoder_file = save_img_encoder_with_changers(step.generator_module.encoder,
                                                       step.disc_module.conditioner if step.disc_module else None,
                                                       folder)
-        lora_file = save_lora_weights(step.restorer.unet, folder)
+        lora_file = step.restorer.save_lora_weights(folder)
     write_settings(folder, inference_settings(step))
     return encoder_file, lora_file
 
