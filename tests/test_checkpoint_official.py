@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import TINY_DPG, TINY_PROMPT
 from haodiff_model.io.official import (
     CheckpointMismatchError,
     load_dpg_weights,
@@ -18,9 +19,6 @@ from haodiff_model.io.official import (
 from haodiff_model.nets.dpg import DPGConfig, DPGFeatureExtractor, DPGNetwork
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
 
-TINY_DPG = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), drop_path_rate=0.0)
-TINY_PROMPT = PromptEmbedderConfig(dim_head=16, embed_dim=32, out_tokens=5, num_layers=2, num_heads_performer=2,
-                                   num_heads_pool=4, pool_patch=4)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_DPG
 from haodiff_model.config import ConfigError
 from haodiff_model.io.official import load_dpg_weights, save_dpg
 from haodiff_model.nets import swin
@@ -16,9 +17,6 @@ from haodiff_model.nets.dpg import RGB_MEAN, DPGConfig, DPGFeatureExtractor, DPG
 from haodiff_model.nets.swin import relative_position_index, shift_window_mask, window_order
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "dpg.yaml"
-# grid 64/4 = 16 tokens, 2x2 windows of 8 with shift 4; head dims 4 and 6 exercise the padded SDPA path
-TINY = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), window_size=8,
-                 drop_path_rate=0.0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -182,9 +180,9 @@ def test_swin_block_matches_reference(mode, shift):
 
 
 def test_extractor_and_network_match_reference():
-    net = DPGNetwork(TINY, _gen(0)).eval()
+    net = DPGNetwork(TINY_DPG, _gen(0)).eval()
     _perturb(net)
-    fe = DPGFeatureExtractor(TINY).eval()
+    fe = DPGFeatureExtractor(TINY_DPG).eval()
     missing = fe.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("upsamplers")})
     assert not missing.missing_keys and not missing.unexpected_keys
     x = torch.rand(2, 3, 64, 64, generator=_gen(3)) * 2 - 1
@@ -200,7 +198,7 @@ def test_extractor_and_network_match_reference():
 
 
 def test_explicit_and_sdpa_attention_agree_in_fp32():
-    net = DPGNetwork(TINY, _gen(0)).eval()
+    net = DPGNetwork(TINY_DPG, _gen(0)).eval()
     _perturb(net)
     x = torch.rand(2, 3, 64, 64, generator=_gen(4))
     with torch.no_grad():
@@ -212,7 +210,7 @@ def test_explicit_and_sdpa_attention_agree_in_fp32():
 
 
 def test_head_dim_multiple_of_eight_and_batch_independence():
-    cfg = dataclasses.replace(TINY, embed_dim=16, num_heads=(2, 2, 2, 2))  # head dim 8: no padding
+    cfg = dataclasses.replace(TINY_DPG, embed_dim=16, num_heads=(2, 2, 2, 2))  # head dim 8: no padding
     net = DPGNetwork(cfg, _gen(0)).eval()
     _perturb(net)
     x = torch.rand(3, 3, 64, 64, generator=_gen(6))
@@ -226,7 +224,7 @@ def test_head_dim_multiple_of_eight_and_batch_independence():
 
 
 def test_odd_input_is_padded_and_cropped():
-    net = DPGNetwork(TINY, _gen(0)).eval()
+    net = DPGNetwork(TINY_DPG, _gen(0)).eval()
     x = torch.rand(1, 3, 50, 70, generator=_gen(7))
     with torch.no_grad():
         outs = net(x)
@@ -235,11 +233,11 @@ def test_odd_input_is_padded_and_cropped():
     for a, b in zip(outs, padded):
         assert torch.equal(a, b[:, :, :50, :70])
     with pytest.raises(ValueError, match="not a multiple of the window"):
-        DPGFeatureExtractor(TINY)(torch.rand(1, 3, 48, 48))
+        DPGFeatureExtractor(TINY_DPG)(torch.rand(1, 3, 48, 48))
 
 
 def test_shift_masks_and_biases_are_computed_once(monkeypatch):
-    net = DPGFeatureExtractor(TINY).eval()
+    net = DPGFeatureExtractor(TINY_DPG).eval()
     builds = []
     real_build = swin.WindowGeometry.build.__func__
 
@@ -264,7 +262,7 @@ def test_shift_masks_and_biases_are_computed_once(monkeypatch):
 
 
 def test_drop_path_needs_a_generator_and_is_reproducible():
-    cfg = dataclasses.replace(TINY, drop_path_rate=0.5)
+    cfg = dataclasses.replace(TINY_DPG, drop_path_rate=0.5)
     net = DPGNetwork(cfg, _gen(0)).train()
     x = torch.rand(4, 3, 64, 64, generator=_gen(8))
     with pytest.raises(RuntimeError, match="set_drop_path_generator"):
@@ -279,7 +277,7 @@ def test_drop_path_needs_a_generator_and_is_reproducible():
     assert not all(torch.equal(u, v) for u, v in zip(a, c))
     sum(o.mean() for o in a).backward()
     assert all(p.grad is not None for p in net.parameters())
-    dropout = DPGNetwork(dataclasses.replace(TINY, drop_rate=0.1), _gen(0))
+    dropout = DPGNetwork(dataclasses.replace(TINY_DPG, drop_rate=0.1), _gen(0))
     with pytest.raises(RuntimeError, match="not supported"):
         dropout.train()(x)
     with torch.no_grad():
@@ -287,7 +285,7 @@ def test_drop_path_needs_a_generator_and_is_reproducible():
 
 
 def test_training_step_changes_every_branch_and_keeps_branches_identical_at_init():
-    net = DPGNetwork(TINY, _gen(0))
+    net = DPGNetwork(TINY_DPG, _gen(0))
     b0, b1, b2 = (list(b.parameters()) for b in net.branches)
     assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in zip(b0, b1, b2))  # official deepcopy init
     assert not torch.equal(net.upsamplers[0].conv_last.weight, net.upsamplers[1].conv_last.weight)
@@ -326,10 +324,10 @@ def test_config_rejects_unknown_keys_and_round_trips_official_kwargs(tmp_path):
     bad.write_text("dpg:\n  embed_dimm: 150\n")
     with pytest.raises(ConfigError, match="embed_dimm"):
         DPGConfig.from_yaml(bad)
-    kwargs = TINY.to_swinir_kwargs()
+    kwargs = TINY_DPG.to_swinir_kwargs()
     assert "attention" not in kwargs and kwargs["depths"] == [2, 2, 2, 2]
     official = {**kwargs, "pretrained_swinir": "weights/dpg.pth", "upsampler": "nearest+conv"}
-    assert DPGConfig.from_swinir_kwargs(official) == TINY
+    assert DPGConfig.from_swinir_kwargs(official) == TINY_DPG
     with pytest.raises(ConfigError, match="window"):
         DPGConfig.from_swinir_kwargs({**kwargs, "window": 8})
     with pytest.raises(ValueError, match="divisible"):
@@ -340,11 +338,11 @@ def test_config_rejects_unknown_keys_and_round_trips_official_kwargs(tmp_path):
 @pytest.mark.parametrize("variant, own_param", [({"ape": True}, "absolute_pos_embed"),
                                                 ({"resi_connection": "3conv"}, "layers.0.conv.4.weight")])
 def test_variants_train_and_round_trip_the_official_layout(variant, own_param, tmp_path):
-    cfg = dataclasses.replace(TINY, **variant)
+    cfg = dataclasses.replace(TINY_DPG, **variant)
     net = DPGNetwork(cfg, _gen(0))
     _perturb(net)
     params = dict(net.named_parameters())
-    assert own_param in params and own_param not in dict(DPGNetwork(TINY, _gen(0)).named_parameters())
+    assert own_param in params and own_param not in dict(DPGNetwork(TINY_DPG, _gen(0)).named_parameters())
     before = params[own_param].detach().clone()
     x = torch.rand(2, 3, 64, 64, generator=_gen(3)) * 2 - 1
     sum(o.square().mean() for o in net(x)).backward()
