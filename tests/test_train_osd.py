@@ -297,7 +297,8 @@ def _free_port() -> int:
 
 
 def _state_digest(module: torch.nn.Module) -> str:
-    return hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in module.state_dict().values())).hexdigest()
+    values = module.state_dict().values()
+    return hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in values)).hexdigest()
 
 
 def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str) -> None:
