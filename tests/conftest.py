@@ -1,11 +1,30 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the tiny model configs the tests build (one place for all of them).
+
+Test modules import the configs with `from conftest import TINY_DPG` (pytest puts tests/ on the path).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
+
+from haodiff_model.bench import osd as osd_bench
+from haodiff_model.nets.dpg import DPGConfig
+from haodiff_model.nets.prompt import PromptEmbedderConfig
+
+# DPG at toy width, the one the stage-2 smoke configs use too: a 64 px input gives a 16x16 token grid,
+# 2x2 windows of 8 with shift 4; head dims 4 and 6 take the zero-padded SDPA path.
+TINY_DPG = DPGConfig.from_dict(osd_bench.TINY_DPG)
+# Two performer layers (the official duplicate keys of each layer take part in the checkpoint tests).
+TINY_PROMPT = PromptEmbedderConfig(dim_head=16, embed_dim=32, out_tokens=5, num_layers=2, num_heads_performer=2,
+                                   num_heads_pool=4, pool_patch=4)
+# The `dpg:` section of tiny stage-1 runs: one block per branch RSTB keeps a training step short;
+# drop path on, so its generator takes part in the resume checks.
+TINY_STAGE1_DPG: dict[str, Any] = {"img_size": 64, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [3, 3, 2, 2],
+                                   "window_size": 8, "drop_path_rate": 0.1}
 
 
 @pytest.fixture(scope="module")

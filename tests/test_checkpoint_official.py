@@ -2,10 +2,12 @@
 by-name reporting of mismatches, stage-1 -> extractor loading."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
+from conftest import TINY_DPG, TINY_PROMPT
 from haodiff_model.io.official import (
     CheckpointMismatchError,
     load_dpg_weights,
@@ -18,9 +20,6 @@ from haodiff_model.io.official import (
 from haodiff_model.nets.dpg import DPGConfig, DPGFeatureExtractor, DPGNetwork
 from haodiff_model.nets.prompt import DualPromptEncoder, PromptEmbedderConfig
 
-TINY_DPG = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), drop_path_rate=0.0)
-TINY_PROMPT = PromptEmbedderConfig(dim_head=16, embed_dim=32, out_tokens=5, num_layers=2, num_heads_performer=2,
-                                   num_heads_pool=4, pool_patch=4)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -77,6 +76,130 @@ def test_official_layout_of_the_paper_config():
     assert sd["main_performer.encoder.proj_updater.calls_since_last_redraw"].dtype == torch.int64
     mask = sd["feature_extractor.layers.0.residual_group.blocks.1.attn_mask"]
     assert set(mask.unique().tolist()) == {-100.0, 0.0} and mask[0].eq(0).all() and mask[-1].ne(0).any()
+
+
+# ---- an official img_encoder_weights.pth written by hand from model_spec A.1, A.3-A.5 ----------------
+
+def _official_mask(grid: int, w: int, s: int) -> torch.Tensor:
+    """SW-MSA attn_mask as the official SwinIR computes it: 9 regions, -100 between different ones."""
+    img = torch.zeros(grid, grid)
+    for n, (hs, ws) in enumerate((h, v) for h in (slice(0, -w), slice(-w, -s), slice(-s, None))
+                                 for v in (slice(0, -w), slice(-w, -s), slice(-s, None))):
+        img[hs, ws] = n
+    windows = img.view(grid // w, w, grid // w, w).permute(0, 2, 1, 3).reshape(-1, w * w)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff != 0, -100.0, 0.0)
+
+
+def _official_rel_index(w: int) -> torch.Tensor:
+    idx = torch.empty(w * w, w * w, dtype=torch.long)
+    for i in range(w * w):
+        for j in range(w * w):
+            idx[i, j] = (i // w - j // w + w - 1) * (2 * w - 1) + (i % w - j % w + w - 1)
+    return idx
+
+
+def _official_file_by_hand(seed: int) -> dict:
+    """The official save() dict for the tiny config, every key and shape spelled from the spec."""
+    g = _gen(seed)
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(name: str, *shape: int) -> None:
+        sd[name] = 0.1 * torch.randn(*shape, generator=g)
+
+    c, w, s, grid, hidden = 12, 8, 4, 16, 24  # embed_dim, window, shift, 64 / 4, mlp_ratio 2
+    fe = "feature_extractor."
+    put(fe + "conv_first.conv_before_downsample.0.weight", c, 3, 3, 3)
+    put(fe + "conv_first.conv_before_downsample.0.bias", c)
+    for conv in ("conv_down1", "conv_down2", "conv_last"):
+        put(f"{fe}conv_first.{conv}.weight", c, c, 3, 3)
+        put(f"{fe}conv_first.{conv}.bias", c)
+    for norm in ("patch_embed.norm", "norm"):
+        sd[f"{fe}{norm}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        put(f"{fe}{norm}.bias", c)
+    rstbs = [(f"layers.{i}.", 2, 3) for i in range(2)]
+    rstbs += [(f"branches.{b}.{j}.", 2, 2) for b in range(3) for j in range(2)]
+    for rstb, depth, heads in rstbs:
+        for k in range(depth):
+            blk = f"{fe}{rstb}residual_group.blocks.{k}."
+            for norm in ("norm1", "norm2"):
+                sd[f"{blk}{norm}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+                put(f"{blk}{norm}.bias", c)
+            put(blk + "attn.relative_position_bias_table", (2 * w - 1) ** 2, heads)
+            sd[blk + "attn.relative_position_index"] = _official_rel_index(w)
+            put(blk + "attn.qkv.weight", 3 * c, c)
+            put(blk + "attn.qkv.bias", 3 * c)
+            put(blk + "attn.proj.weight", c, c)
+            put(blk + "attn.proj.bias", c)
+            put(blk + "mlp.fc1.weight", hidden, c)
+            put(blk + "mlp.fc1.bias", hidden)
+            put(blk + "mlp.fc2.weight", c, hidden)
+            put(blk + "mlp.fc2.bias", c)
+            if k % 2:
+                sd[blk + "attn_mask"] = _official_mask(grid, w, s)
+        put(f"{fe}{rstb}conv.weight", c, c, 3, 3)
+        put(f"{fe}{rstb}conv.bias", c)
+    mid, dim_head, heads, embed, tokens, features = c, 16, 2, 32, 5, int(16 * math.log(16))
+    for name, in_dim in (("main_performer.", c), ("aux_performer.", 2 * c)):
+        put(name + "proj1.weight", mid, in_dim)
+        put(name + "proj1.bias", mid)
+        put(name + "pos_embed", 1, grid * grid, mid)
+        for i in range(2):
+            layer = f"{name}encoder.net.layers.{i}."
+            for norm in ("0.norm", "1.norm"):
+                sd[f"{layer}{norm}.weight"] = 1 + 0.1 * torch.randn(mid, generator=g)
+                put(f"{layer}{norm}.bias", mid)
+            put(layer + "0.fn.fast_attention.projection_matrix", features, dim_head)
+            for proj in ("to_q", "to_k", "to_v"):
+                put(f"{layer}0.fn.{proj}.weight", heads * dim_head, mid)
+                put(f"{layer}0.fn.{proj}.bias", heads * dim_head)
+            put(layer + "0.fn.to_out.weight", mid, heads * dim_head)
+            put(layer + "0.fn.to_out.bias", mid)
+            put(layer + "1.fn.fn.w1.weight", 4 * mid, mid)
+            put(layer + "1.fn.fn.w1.bias", 4 * mid)
+            put(layer + "1.fn.fn.w2.weight", mid, 4 * mid)
+            put(layer + "1.fn.fn.w2.bias", mid)
+        sd[name + "encoder.proj_updater.calls_since_last_redraw"] = torch.tensor(3)
+        for key in [k for k in sd if k.startswith(name + "encoder.net.")]:  # the ProjectionUpdater's alias
+            sd[key.replace("encoder.net.", "encoder.proj_updater.instance.", 1)] = sd[key]
+        put(name + "linear_embed.weight", embed, mid * 4 * 4)  # pool_patch 4: a 16x16 grid gives 4x4 patches
+        put(name + "linear_embed.bias", embed)
+        put(name + "query_tokens", 1, tokens, embed)
+        put(name + "attn_pool.in_proj_weight", 3 * embed, embed)
+        put(name + "attn_pool.in_proj_bias", 3 * embed)
+        put(name + "attn_pool.out_proj.weight", embed, embed)
+        put(name + "attn_pool.out_proj.bias", embed)
+        sd[name + "norm.weight"] = 1 + 0.1 * torch.randn(embed, generator=g)
+        put(name + "norm.bias", embed)
+    swinir_kwargs = {"img_size": 64, "patch_size": 1, "in_chans": 3, "embed_dim": c, "depths": [2, 2, 2, 2],
+                     "num_heads": [3, 3, 2, 2], "window_size": w, "mlp_ratio": 2.0, "upscale": 4, "img_range": 1.0,
+                     "drop_path_rate": 0.0, "ape": False, "resi_connection": "1conv", "branch_num": 3,
+                     "skip_branch": [], "pretrained_swinir": "weights/dpg.pth", "upsampler": "nearest+conv"}
+    performer_kwargs = {"dim_head": dim_head, "embed_dim": embed, "out_tokens": tokens, "num_layers": 2,
+                        "num_heads_performer": heads, "num_heads_pool": 4, "pool_patch": 4}
+    return {"model_state_dict": sd, "swinir_kwargs": swinir_kwargs, "performer_kwargs": performer_kwargs}
+
+
+def test_a_hand_built_official_file_loads_by_name_and_is_written_back_in_the_same_layout(tmp_path):
+    official = _official_file_by_hand(20)
+    sd = official["model_state_dict"]
+    (tmp_path / "hand").mkdir()
+    torch.save(official, tmp_path / "hand" / "img_encoder_weights.pth")
+    enc, report = load_img_encoder(tmp_path / "hand")
+    assert report.ok and not report.missing and not report.unexpected
+    ours = enc.state_dict()
+    for name, value in ours.items():  # every tensor came from the official key of the same name
+        assert torch.equal(value, sd[name]), name
+    assert int(enc.main_performer.encoder.proj_updater.calls_since_last_redraw) == 3
+    ignored = set(sd) - set(ours)
+    assert all(k.endswith(("attn_mask", "relative_position_index")) or ".proj_updater.instance." in k for k in ignored)
+
+    written = torch.load(save_img_encoder(enc.eval(), tmp_path / "out"), weights_only=True)
+    assert written["swinir_kwargs"]["embed_dim"] == 12 and written["performer_kwargs"]["num_layers"] == 2
+    back = written["model_state_dict"]
+    assert set(back) == set(sd)
+    for name, value in sd.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value), name
 
 
 def test_save_load_round_trip_is_bit_identical(tmp_path):

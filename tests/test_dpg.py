@@ -1,5 +1,6 @@
 """DPG network: official semantics (checked against straightforward re-computations written here
-in the official style: roll + window partition + explicit attention), shapes, caches, configs."""
+in the official style from the state dict alone: F.conv2d / F.linear on the named weights, roll +
+window partition + explicit attention), shapes, caches, configs, the ape and 3conv variants."""
 
 import dataclasses
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_DPG
 from haodiff_model.config import ConfigError
 from haodiff_model.io.official import load_dpg_weights, save_dpg
 from haodiff_model.nets import swin
@@ -16,9 +18,6 @@ from haodiff_model.nets.dpg import RGB_MEAN, DPGConfig, DPGFeatureExtractor, DPG
 from haodiff_model.nets.swin import relative_position_index, shift_window_mask, window_order
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "dpg.yaml"
-# grid 64/4 = 16 tokens, 2x2 windows of 8 with shift 4; head dims 4 and 6 exercise the padded SDPA path
-TINY = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), window_size=8,
-                 drop_path_rate=0.0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -69,78 +68,104 @@ def ref_mask(h: int, wd: int, w: int, s: int) -> torch.Tensor:
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
-def ref_block(blk, x, h, wd, w):
+def ref_block(sd, pre, x, h, wd, w, heads, s):
+    """One Swin block from the state dict `sd` (official names under `pre`), shift s."""
     b, n_tok, c = x.shape
-    heads = blk.attn.num_heads
     hd = c // heads
-    s = blk.shift
-    y = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias).view(b, h, wd, c)
+    y = F.layer_norm(x, (c,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"]).view(b, h, wd, c)
     if s:
         y = torch.roll(y, (-s, -s), (1, 2))
     win = ref_partition(y, w)
     n = w * w
-    qkv = F.linear(win, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(-1, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(win, sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"])
+    qkv = qkv.reshape(-1, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     attn = (q * hd ** -0.5) @ k.transpose(-2, -1)
-    bias = blk.attn.relative_position_bias_table[ref_rel_index(w).view(-1)].view(n, n, -1).permute(2, 0, 1)
-    attn = attn + bias.unsqueeze(0)
+    table = sd[pre + "attn.relative_position_bias_table"]
+    attn = attn + table[ref_rel_index(w).view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
     if s:
         mask = ref_mask(h, wd, w, s)
         attn = (attn.view(b, -1, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
     out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, n, c)
-    out = F.linear(out, blk.attn.proj.weight, blk.attn.proj.bias)
+    out = F.linear(out, sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
     y = ref_reverse(out, w, h, wd)
     if s:
         y = torch.roll(y, (s, s), (1, 2))
     x = x + y.reshape(b, n_tok, c)
-    z = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias)
-    return x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(z)))
+    z = F.layer_norm(x, (c,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"])
+    z = F.gelu(F.linear(z, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]))
+    return x + F.linear(z, sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"])
 
 
-def ref_rstb(rstb, x, h, wd, w):
+def ref_conv(sd, pre, x, stride=1):
+    """A conv given by its weight's shape: k x k kernels with 'same' padding (k // 2)."""
+    weight = sd[pre + "weight"]
+    return F.conv2d(x, weight, sd[pre + "bias"], stride=stride, padding=weight.shape[-1] // 2)
+
+
+def ref_resi_conv(sd, pre, x, cfg):
+    """model_spec A.1: 1conv = 3x3 C->C; 3conv = 3x3 C->C/4, LReLU .2, 1x1, LReLU .2, 3x3 C/4->C."""
+    if cfg.resi_connection == "1conv":
+        return ref_conv(sd, pre, x)
+    x = F.leaky_relu(ref_conv(sd, pre + "0.", x), 0.2)
+    x = F.leaky_relu(ref_conv(sd, pre + "2.", x), 0.2)
+    return ref_conv(sd, pre + "4.", x)
+
+
+def ref_rstb(sd, pre, x, h, wd, cfg, heads, depth):
     y = x
-    for blk in rstb.residual_group.blocks:
-        y = ref_block(blk, y, h, wd, w)
+    for i in range(depth):
+        y = ref_block(sd, f"{pre}residual_group.blocks.{i}.", y, h, wd, cfg.window, heads, cfg.shift if i % 2 else 0)
     b, _, c = x.shape
-    y = rstb.conv(y.transpose(1, 2).reshape(b, c, h, wd).contiguous())
+    y = ref_resi_conv(sd, pre + "conv.", y.transpose(1, 2).reshape(b, c, h, wd), cfg)
     return y.flatten(2).transpose(1, 2) + x
 
 
-def ref_trunk(fe, x):
-    cfg = fe.cfg
+def ref_trunk(sd, cfg, x):
+    """model_spec A.1 steps 1-5 and the branch RSTBs, from the state dict alone."""
     x = (x - torch.tensor(RGB_MEAN).view(1, 3, 1, 1)) * cfg.img_range
-    f = fe.conv_first(x.contiguous())
+    f = F.leaky_relu(ref_conv(sd, "conv_first.conv_before_downsample.0.", x), 0.01)
+    f = ref_conv(sd, "conv_first.conv_down1.", f, stride=2)
+    f = ref_conv(sd, "conv_first.conv_down2.", f, stride=2)
+    f = ref_conv(sd, "conv_first.conv_last.", f)
     h, wd = f.shape[2:]
-    emb = F.layer_norm(f.flatten(2).transpose(1, 2), (cfg.embed_dim,), fe.patch_embed.norm.weight,
-                       fe.patch_embed.norm.bias)
-    t = emb
-    for layer in fe.layers:
-        t = ref_rstb(layer, t, h, wd, cfg.window)
+    emb = F.layer_norm(f.flatten(2).transpose(1, 2), (cfg.embed_dim,), sd["patch_embed.norm.weight"],
+                       sd["patch_embed.norm.bias"])
+    t = emb + sd["absolute_pos_embed"] if cfg.ape else emb
+    half = len(cfg.depths) // 2
+    for i in range(half):
+        t = ref_rstb(sd, f"layers.{i}.", t, h, wd, cfg, cfg.num_heads[i], cfg.depths[i])
     x_mid = t + emb
     outs = []
-    for branch in fe.branches:
+    for b in range(cfg.branch_num):
         bt = x_mid
-        for layer in branch:
-            bt = ref_rstb(layer, bt, h, wd, cfg.window)
+        for j, i in enumerate(range(half, len(cfg.depths))):
+            bt = ref_rstb(sd, f"branches.{b}.{j}.", bt, h, wd, cfg, cfg.num_heads[i], cfg.depths[i])
         outs.append(bt)
     return outs, x_mid, (h, wd)
 
 
-def ref_extractor(fe, x):
-    outs, _, _ = ref_trunk(fe, x)
-    return [fe.norm(o) for o in outs]
+def ref_norm(sd, t):
+    return F.layer_norm(t, t.shape[-1:], sd["norm.weight"], sd["norm.bias"])
 
 
-def ref_network(net, x):
-    outs, x_mid, (h, wd) = ref_trunk(net, x)
+def ref_extractor(sd, cfg, x):
+    outs, _, _ = ref_trunk(sd, cfg, x)
+    return [ref_norm(sd, o) for o in outs]
+
+
+def ref_network(sd, cfg, x):
+    """model_spec A.2: per branch norm + x_mid, then the nearest+conv head; RGB mean back on 3-channel heads."""
+    outs, x_mid, (h, wd) = ref_trunk(sd, cfg, x)
     results = []
     for i, o in enumerate(outs):
-        y = (net.norm(o) + x_mid).transpose(1, 2).reshape(o.shape[0], -1, h, wd).contiguous()
-        up = net.upsamplers[i]
-        y = up.conv_before_upsample(up.conv_after_body(y))
-        y = F.leaky_relu(up.conv_up1(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
-        y = F.leaky_relu(up.conv_up2(F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
-        y = up.conv_last(F.leaky_relu(up.conv_hr(y), 0.2))
+        pre = f"upsamplers.{i}."
+        y = (ref_norm(sd, o) + x_mid).transpose(1, 2).reshape(o.shape[0], -1, h, wd)
+        y = ref_resi_conv(sd, pre + "conv_after_body.", y, cfg)
+        y = F.leaky_relu(ref_conv(sd, pre + "conv_before_upsample.0.", y), 0.01)
+        y = F.leaky_relu(ref_conv(sd, pre + "conv_up1.", F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
+        y = F.leaky_relu(ref_conv(sd, pre + "conv_up2.", F.interpolate(y, scale_factor=2, mode="nearest")), 0.2)
+        y = ref_conv(sd, pre + "conv_last.", F.leaky_relu(ref_conv(sd, pre + "conv_hr.", y), 0.2))
         if y.shape[1] == 3:
             y = y + torch.tensor(RGB_MEAN).view(1, 3, 1, 1)
         results.append(y)
@@ -177,20 +202,20 @@ def test_swin_block_matches_reference(mode, shift):
     x = torch.randn(3, h * wd, 12, generator=_gen(2))
     with torch.no_grad():
         ours = blk(x[:, geom.to_window], geom)[:, geom.to_raster]
-        ref = ref_block(blk, x, h, wd, 8)
+        ref = ref_block(blk.state_dict(), "", x, h, wd, 8, 3, shift)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_extractor_and_network_match_reference():
-    net = DPGNetwork(TINY, _gen(0)).eval()
+    net = DPGNetwork(TINY_DPG, _gen(0)).eval()
     _perturb(net)
-    fe = DPGFeatureExtractor(TINY).eval()
+    fe = DPGFeatureExtractor(TINY_DPG).eval()
     missing = fe.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("upsamplers")})
     assert not missing.missing_keys and not missing.unexpected_keys
     x = torch.rand(2, 3, 64, 64, generator=_gen(3)) * 2 - 1
     with torch.no_grad():
-        feats, ref_feats = fe(x), ref_extractor(fe, x)
-        outs, ref_outs = net(x), ref_network(net, x)
+        feats, ref_feats = fe(x), ref_extractor(fe.state_dict(), TINY_DPG, x)
+        outs, ref_outs = net(x), ref_network(net.state_dict(), TINY_DPG, x)
     assert [tuple(t.shape) for t in feats] == [(2, 256, 12)] * 3
     for a, b in zip(feats, ref_feats):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -199,34 +224,24 @@ def test_extractor_and_network_match_reference():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_explicit_and_sdpa_attention_agree_in_fp32():
-    net = DPGNetwork(TINY, _gen(0)).eval()
-    _perturb(net)
-    x = torch.rand(2, 3, 64, 64, generator=_gen(4))
-    with torch.no_grad():
-        fast = net(x)
-        net.set_attention("explicit")
-        slow = net(x)
-    for a, b in zip(fast, slow):
-        assert (a - b).abs().max().item() < 1e-5
-
-
-def test_head_dim_multiple_of_eight_and_batch_independence():
-    cfg = dataclasses.replace(TINY, embed_dim=16, num_heads=(2, 2, 2, 2))  # head dim 8: no padding
+@pytest.mark.parametrize("mode", ["sdpa", "explicit"])
+def test_head_dim_multiple_of_eight_and_batch_independence(mode):
+    cfg = dataclasses.replace(TINY_DPG, embed_dim=16, num_heads=(2, 2, 2, 2))  # head dim 8: no padding
     net = DPGNetwork(cfg, _gen(0)).eval()
     _perturb(net)
+    net.set_attention(mode)
     x = torch.rand(3, 3, 64, 64, generator=_gen(6))
     with torch.no_grad():
         batched = net(x)
         single = [net(x[i:i + 1]) for i in range(3)]
-        ref = ref_network(net, x)
+        ref = ref_network(net.state_dict(), cfg, x)
     for k in range(3):
         torch.testing.assert_close(batched[k], torch.cat([s[k] for s in single]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched[k], ref[k], rtol=1e-5, atol=1e-5)
 
 
 def test_odd_input_is_padded_and_cropped():
-    net = DPGNetwork(TINY, _gen(0)).eval()
+    net = DPGNetwork(TINY_DPG, _gen(0)).eval()
     x = torch.rand(1, 3, 50, 70, generator=_gen(7))
     with torch.no_grad():
         outs = net(x)
@@ -235,11 +250,11 @@ def test_odd_input_is_padded_and_cropped():
     for a, b in zip(outs, padded):
         assert torch.equal(a, b[:, :, :50, :70])
     with pytest.raises(ValueError, match="not a multiple of the window"):
-        DPGFeatureExtractor(TINY)(torch.rand(1, 3, 48, 48))
+        DPGFeatureExtractor(TINY_DPG)(torch.rand(1, 3, 48, 48))
 
 
 def test_shift_masks_and_biases_are_computed_once(monkeypatch):
-    net = DPGFeatureExtractor(TINY).eval()
+    net = DPGFeatureExtractor(TINY_DPG).eval()
     builds = []
     real_build = swin.WindowGeometry.build.__func__
 
@@ -264,7 +279,7 @@ def test_shift_masks_and_biases_are_computed_once(monkeypatch):
 
 
 def test_drop_path_needs_a_generator_and_is_reproducible():
-    cfg = dataclasses.replace(TINY, drop_path_rate=0.5)
+    cfg = dataclasses.replace(TINY_DPG, drop_path_rate=0.5)
     net = DPGNetwork(cfg, _gen(0)).train()
     x = torch.rand(4, 3, 64, 64, generator=_gen(8))
     with pytest.raises(RuntimeError, match="set_drop_path_generator"):
@@ -279,7 +294,7 @@ def test_drop_path_needs_a_generator_and_is_reproducible():
     assert not all(torch.equal(u, v) for u, v in zip(a, c))
     sum(o.mean() for o in a).backward()
     assert all(p.grad is not None for p in net.parameters())
-    dropout = DPGNetwork(dataclasses.replace(TINY, drop_rate=0.1), _gen(0))
+    dropout = DPGNetwork(dataclasses.replace(TINY_DPG, drop_rate=0.1), _gen(0))
     with pytest.raises(RuntimeError, match="not supported"):
         dropout.train()(x)
     with torch.no_grad():
@@ -287,7 +302,7 @@ def test_drop_path_needs_a_generator_and_is_reproducible():
 
 
 def test_training_step_changes_every_branch_and_keeps_branches_identical_at_init():
-    net = DPGNetwork(TINY, _gen(0))
+    net = DPGNetwork(TINY_DPG, _gen(0))
     b0, b1, b2 = (list(b.parameters()) for b in net.branches)
     assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in zip(b0, b1, b2))  # official deepcopy init
     assert not torch.equal(net.upsamplers[0].conv_last.weight, net.upsamplers[1].conv_last.weight)
@@ -326,10 +341,10 @@ def test_config_rejects_unknown_keys_and_round_trips_official_kwargs(tmp_path):
     bad.write_text("dpg:\n  embed_dimm: 150\n")
     with pytest.raises(ConfigError, match="embed_dimm"):
         DPGConfig.from_yaml(bad)
-    kwargs = TINY.to_swinir_kwargs()
+    kwargs = TINY_DPG.to_swinir_kwargs()
     assert "attention" not in kwargs and kwargs["depths"] == [2, 2, 2, 2]
     official = {**kwargs, "pretrained_swinir": "weights/dpg.pth", "upsampler": "nearest+conv"}
-    assert DPGConfig.from_swinir_kwargs(official) == TINY
+    assert DPGConfig.from_swinir_kwargs(official) == TINY_DPG
     with pytest.raises(ConfigError, match="window"):
         DPGConfig.from_swinir_kwargs({**kwargs, "window": 8})
     with pytest.raises(ValueError, match="divisible"):
@@ -339,14 +354,21 @@ def test_config_rejects_unknown_keys_and_round_trips_official_kwargs(tmp_path):
 
 @pytest.mark.parametrize("variant, own_param", [({"ape": True}, "absolute_pos_embed"),
                                                 ({"resi_connection": "3conv"}, "layers.0.conv.4.weight")])
-def test_variants_train_and_round_trip_the_official_layout(variant, own_param, tmp_path):
-    cfg = dataclasses.replace(TINY, **variant)
+def test_variants_match_the_reference_train_and_round_trip_the_official_layout(variant, own_param, tmp_path):
+    cfg = dataclasses.replace(TINY_DPG, **variant)
     net = DPGNetwork(cfg, _gen(0))
     _perturb(net)
     params = dict(net.named_parameters())
-    assert own_param in params and own_param not in dict(DPGNetwork(TINY, _gen(0)).named_parameters())
-    before = params[own_param].detach().clone()
+    assert own_param in params and own_param not in dict(DPGNetwork(TINY_DPG, _gen(0)).named_parameters())
+    if cfg.ape:  # std 0.02 at init: large enough here that a missing or misplaced embedding shows
+        with torch.no_grad():
+            params[own_param].normal_(0, 0.5, generator=_gen(4))
     x = torch.rand(2, 3, 64, 64, generator=_gen(3)) * 2 - 1
+    with torch.no_grad():
+        for a, b in zip(net.eval()(x), ref_network(net.state_dict(), cfg, x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    net.train()
+    before = params[own_param].detach().clone()
     sum(o.square().mean() for o in net(x)).backward()
     torch.optim.SGD(net.parameters(), lr=0.1).step()
     assert not torch.equal(before, params[own_param])  # the variant's own weights train

@@ -1,6 +1,9 @@
 import dataclasses
 import json
+import os
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +19,6 @@ from haodiff_data.degrade.generic import (
     area_resize,
     jpeg,
     resize,
-    tune_malloc,
 )
 from haodiff_data.degrade.noise import add_noise, draw_noise, gaussian_field
 from haodiff_data.recipe import FinalConfig, GenericConfig, NoiseConfig, OrderConfig
@@ -276,8 +278,38 @@ def test_bad_inputs_raise_clear_errors():
         draw_order(np.random.default_rng(0), bad_resize, HQ_SHAPE, 4, second=False)
 
 
-def test_tune_malloc_applies_on_glibc():
-    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
+# Allocates, touches and frees blocks of 1..16 MiB with the C library's malloc and prints the page
+# faults taken. glibc's default serves each new larger block with a fresh mmap and returns it on free
+# (every page faults once per block); tuned, the heap keeps the pages and only growth faults.
+_FAULTS_SCRIPT = """
+import ctypes, resource, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "tuned":
+    from haodiff_data.degrade.generic import tune_malloc
+    assert tune_malloc() is True
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for mib in range(1, 17):
+    p = libc.malloc(mib << 20)
+    libc.memset(p, 1, mib << 20)
+    libc.free(p)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tune_malloc_keeps_freed_blocks_for_reuse():
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        return int(done.stdout)
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    largest, total = (16 << 20) // page, (136 << 20) // page  # 1 + 2 + ... + 16 MiB
+    tuned, default = faults("tuned"), faults("default")
+    assert tuned < 1.25 * largest, (tuned, largest)  # each page of the heap faulted about once
+    assert default > 0.9 * total, (default, total)  # the control: without tuning every block faults anew
 
 
 @pytest.mark.parametrize("src,dst", [

@@ -57,24 +57,52 @@ def _out(unet) -> torch.Tensor:
         return unet(z, torch.tensor([199]), ehs).sample
 
 
-def test_official_layout_and_round_trip(tmp_path, base_state):
+def _peft_adapters(unet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module path -> (A, B) read straight from PEFT's parameters (`<path>.lora_A.default.weight`)."""
+    params = dict(unet.named_parameters())
+    return {n[: -len(".lora_A.default.weight")]: (p, params[n.replace("lora_A", "lora_B")])
+            for n, p in params.items() if n.endswith(".lora_A.default.weight")}
+
+
+def test_written_file_has_the_official_layout_of_the_peft_adapters(tmp_path, base_state):
+    """model_spec A.7: `unet.<module path>.lora_A/B.weight`, PEFT shapes (conv A (r, in, kh, kw), B (out, r, 1, 1)),
+    float32, for exactly the adapted modules; read back with plain safetensors."""
     unet = _lora_unet(base_state)
+    adapters = _peft_adapters(unet)
     path = save_lora_weights(unet, tmp_path)
     assert path == tmp_path / LORA_FILE
     sd = load_file(str(path))
-    targets = lora_target_modules(_plain(base_state))
-    assert set(sd) == {f"unet.{t}.lora_{ab}.weight" for t in targets for ab in "AB"}
-    conv = sd["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"]
-    assert conv.shape == (RANK, 32, 3, 3) and sd["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"].shape == (
-        32, RANK, 1, 1)
+    assert set(sd) == {f"unet.{m}.lora_{ab}.weight" for m in adapters for ab in "AB"}
+    for module, (a, b) in adapters.items():
+        assert torch.equal(sd[f"unet.{module}.lora_A.weight"], a) and torch.equal(sd[f"unet.{module}.lora_B.weight"], b)
+    conv = "unet.down_blocks.0.resnets.0.conv1"
+    assert sd[f"{conv}.lora_A.weight"].shape == (RANK, 32, 3, 3) and sd[f"{conv}.lora_B.weight"].shape == (32, RANK, 1, 1)
+    lin_a = sd["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"]
+    assert lin_a.shape == (RANK, 32)
     assert all(v.dtype == torch.float32 for v in sd.values())
-    assert lora_modules_in(sd) == (sorted(targets), RANK)
 
-    fresh = _lora_unet(base_state, seed=5)
-    assert not torch.equal(_out(fresh), _out(unet))
-    report = load_lora_weights(fresh, path)
-    assert report.ok and sorted(report.loaded) == sorted(targets)
-    assert torch.equal(_out(fresh), _out(unet))
+
+def test_a_hand_built_file_loads_as_the_hand_merged_unet(tmp_path, base_state):
+    """A file made with plain torch + safetensors in the official layout gives, through our loader,
+    the outputs of the base UNet with W + alpha/r * B A merged by hand (alpha = r: scale 1)."""
+    modules = sorted(_peft_adapters(_lora_unet(base_state)))
+    g = _gen(21)
+    merged = _plain(base_state)
+    hand = {}
+    with torch.no_grad():
+        for module in modules:
+            weight = merged.get_submodule(module).weight
+            out_ch, in_ch, *kernel = weight.shape
+            a = 0.1 * torch.randn(RANK, in_ch, *kernel, generator=g)
+            b = 0.1 * torch.randn(out_ch, RANK, *([1, 1] if kernel else []), generator=g)
+            hand[f"unet.{module}.lora_A.weight"], hand[f"unet.{module}.lora_B.weight"] = a, b
+            weight += (b.reshape(out_ch, RANK) @ a.reshape(RANK, -1)).reshape(weight.shape)
+    save_file(hand, str(tmp_path / LORA_FILE))
+    ours = _lora_unet(base_state, seed=5)
+    report = load_lora_weights(ours, tmp_path)
+    assert report.ok and sorted(report.loaded) == modules
+    torch.testing.assert_close(_out(ours), _out(merged), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_out(_plain(base_state)), _out(merged), atol=1e-3)  # the adapters matter
 
 
 @pytest.mark.parametrize("alpha", [RANK, 2 * RANK])

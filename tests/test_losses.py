@@ -226,24 +226,51 @@ def test_dists_weights_file_checks(tmp_path):
 # --- stage 2 ---------------------------------------------------------------------------------
 
 
-def test_edge_aware_dists_is_sum_of_image_and_edge_dists(weight_files, dists):
-    ea = EdgeAwareDISTS.from_files(weight_files["vgg"], weight_files["dists"])
+def _mean_term(x: np.ndarray, y: np.ndarray) -> float:
+    """1 - mean over channels of DISTS' structure term (2 mx my + c) / (mx^2 + my^2 + c) on raw pixels: the
+    whole score of a DISTS whose only weight is alpha on stage 0 (the input itself)."""
+    mx, my = x.reshape(len(x), -1).mean(1), y.reshape(len(y), -1).mean(1)
+    return float(1 - ((2 * mx * my + 1e-6) / (mx**2 + my**2 + 1e-6)).mean())
+
+
+def _sobel_by_hand(img: np.ndarray) -> np.ndarray:
+    """Paper Eq. 9's Sobel map of a (3, H, W) image: 601 luma, edge-replicated border, |(gx, gy)|."""
+    grey = np.pad(0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2], 1, mode="edge")
+    h, w = img.shape[1:]
+    win = lambda dy, dx: grey[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]  # noqa: E731
+    gx = (win(-1, 1) + 2 * win(0, 1) + win(1, 1)) - (win(-1, -1) + 2 * win(0, -1) + win(1, -1))
+    gy = (win(1, -1) + 2 * win(1, 0) + win(1, 1)) - (win(-1, -1) + 2 * win(-1, 0) + win(-1, 1))
+    return np.sqrt(gx**2 + gy**2 + 1e-6)[None]
+
+
+def test_edge_aware_dists_is_image_term_plus_edge_term_by_hand(weight_files):
+    """With alpha on the raw-pixel stage only, both DISTS terms have a closed form: EA-DISTS must
+    equal the image's term plus the term of Sobel maps computed here in numpy."""
+    ea = EdgeAwareDISTS(_dists_with_weight_on(weight_files, 0, "alpha"))
     gen = torch.Generator().manual_seed(7)
-    x, y = _rand(gen, 2, 3, 32, 32), _rand(gen, 2, 3, 32, 32)
-    expected = dists(x, y) + dists(sobel_edges(x), sobel_edges(y))
-    assert ea(x, y).item() == expected.item()
+    x, y = _rand(gen, 1, 3, 16, 16), 0.4 + 0.1 * _rand(gen, 1, 3, 16, 16)
+    x[..., 8:] += 0.5  # x has strong edges, y is nearly flat: the edge term is far from 0
+    xs, ys = x[0].double().numpy(), y[0].double().numpy()
+    image_term = _mean_term(xs, ys)
+    edge_term = _mean_term(_sobel_by_hand(xs), _sobel_by_hand(ys))
+    assert edge_term > 0.05 and image_term > 0.001
+    assert ea(x, y).item() == pytest.approx(image_term + edge_term, abs=1e-5)
     assert ea(x, x).abs().item() < 2e-6
 
 
-def test_stage2_loss_terms(dists):
-    ea = EdgeAwareDISTS(dists)
+def test_stage2_loss_terms(weight_files):
+    ea = EdgeAwareDISTS(_dists_with_weight_on(weight_files, 0, "alpha"))
     gen = torch.Generator().manual_seed(8)
-    pred = (2 * _rand(gen, 2, 3, 32, 32) - 1).requires_grad_(True)
-    target = 2 * _rand(gen, 2, 3, 32, 32) - 1
+    pred = (2 * _rand(gen, 1, 3, 16, 16) - 1).requires_grad_(True)
+    target = 2 * _rand(gen, 1, 3, 16, 16) - 1
     g_loss = torch.tensor(0.7)
     total, parts = stage2_loss(pred, target, ea, gan_generator_loss=g_loss)
-    assert parts["mse"].item() == pytest.approx(((pred - target) ** 2).mean().item(), abs=1e-6)
-    assert parts["ea_dists"].item() == pytest.approx(ea((pred + 1) / 2, (target + 1) / 2).item(), abs=1e-6)
+    p, t = pred[0].detach().double().numpy(), target[0].double().numpy()
+    assert parts["mse"].item() == pytest.approx(((p - t) ** 2).mean(), abs=1e-6)
+    # EA-DISTS sees [0, 1] images: (x + 1) / 2
+    p01, t01 = (p + 1) / 2, (t + 1) / 2
+    expected_ea = _mean_term(p01, t01) + _mean_term(_sobel_by_hand(p01), _sobel_by_hand(t01))
+    assert parts["ea_dists"].item() == pytest.approx(expected_ea, abs=1e-5)
     assert parts["gan"].item() == pytest.approx(0.007, abs=1e-7)
     assert total.item() == pytest.approx(sum(p.item() for p in parts.values()), abs=1e-6)
     total.backward()

@@ -68,13 +68,21 @@ def test_abar_199_of_the_sd21_schedule():
         alphas_cumprod_from_config({**SD21_BASE_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
 
 
-def test_shapes_and_range():
-    r = _restorer()
-    lq, pos, neg = _inputs()
+def test_shapes_and_batch_items_are_restored_independently():
+    r = _restorer(sample_latent=False)  # the latent mode: no noise, so items can be compared one by one
+    lq, pos, neg = _inputs(batch=3)
     with torch.no_grad():
-        out = r(lq, pos, neg, generator=_gen(5))
-    assert out.image.shape == (2, 3, 32, 32) and out.latent.shape == (2, 4, 16, 16)
-    assert out.image.min() >= -1 and out.image.max() <= 1 and out.latent.dtype == torch.float32
+        out = r(lq, pos, neg)
+        alone = [r(lq[i:i + 1], pos[i:i + 1], neg[i:i + 1]) for i in range(3)]
+        raw = r.vae.decode(out.latent / 0.18215).sample
+    assert out.image.shape == (3, 3, 32, 32) and out.latent.shape == (3, 4, 16, 16)
+    assert out.latent.dtype == torch.float32
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(out.latent[i], single.latent[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.image[i], single.image[0], rtol=0, atol=1e-4)
+    assert not torch.allclose(out.image[0], out.image[1], atol=1e-3)  # the items do differ
+    # the decoder overshoots [-1, 1] here; the image is the decode clamped exactly there
+    assert raw.abs().max() > 1 and torch.equal(out.image, raw.clamp(-1, 1))
     with pytest.raises(ValueError, match="prompts must both be"):
         r(lq, pos, neg[:1])
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.nets.dpg import DPGConfig
+from conftest import TINY_DPG, TINY_PROMPT
 from haodiff_model.nets.performer import FastAttention, Performer, add_official_duplicates, gaussian_orthogonal_random_matrix
 from haodiff_model.nets.prompt import (
     AttentionPool,
@@ -20,9 +20,6 @@ from haodiff_model.nets.prompt import (
 )
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "dpg.yaml"
-TINY_DPG = DPGConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 2, 2), drop_path_rate=0.0)
-TINY_PROMPT = PromptEmbedderConfig(dim_head=16, embed_dim=32, out_tokens=5, num_layers=2, num_heads_performer=2,
-                                   num_heads_pool=4, pool_patch=4)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from conftest import TINY_STAGE1_DPG
 from haodiff_data.shards.schema import encode_sample
 from haodiff_model.bench.learn import PAPER_SETTINGS, auroc, iou_dice, psnr
 from haodiff_model.losses.losses import PAPER_LOSS, Stage1Loss, dice_loss, focal_bce_loss, stage1_loss
@@ -23,8 +24,7 @@ from haodiff_model.train.state import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-TINY_MODEL = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [3, 3, 2, 2],
-              "window_size": 8, "drop_path_rate": 0.0}
+TINY_MODEL = {**TINY_STAGE1_DPG, "drop_path_rate": 0.0}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -125,13 +125,23 @@ def test_worker_count_does_not_change_bytes(reference_run, tmp_path):
     assert shard_bytes(tmp_path) == shard_bytes(reference_run)
 
 
-def test_node_partitions_together_equal_single_node(reference_run, tmp_path):
-    for rank in (0, 1):
-        args = ["-k", "2", "--limit", "6", "--workers", "1", "--seed", "7", "--num-nodes", "2", "--node-rank", str(rank)]
-        assert synth(tmp_path, *args) == 0
+def test_node_partitions_together_equal_single_node(reference_run, tmp_path, monkeypatch):
+    args = ["-k", "2", "--limit", "6", "--workers", "1", "--seed", "7"]
+    assert synth(tmp_path, *args, "--num-nodes", "2", "--node-rank", "0") == 0
+    # Rank 1 as torchrun/accelerate launch it: the partition comes from WORLD_SIZE and RANK alone.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert synth(tmp_path, *args) == 0
     names = sorted(p.name for p in tmp_path.glob("*.tar"))
     assert any("-r000-" in n for n in names) and any("-r001-" in n for n in names)
-    assert samples_by_key(tmp_path) == samples_by_key(reference_run)
+    keys = []
+    for path in tmp_path.glob("*.tar"):
+        with tarfile.open(path) as tar:
+            keys += [info.name.partition(".")[0] for info in tar if info.name.endswith(".json")]
+    assert sorted(keys) == sorted(samples_by_key(reference_run))  # none missing, none written twice
+    assert samples_by_key(tmp_path) == samples_by_key(reference_run)  # byte-identical members per key
+    per_node = [json.loads((tmp_path / f"summary-r{r:03d}.json").read_text())["samples_written"] for r in (0, 1)]
+    assert sum(per_node) == 6 and min(per_node) > 0  # sources are dealt out, so 2 + 1 photos x 2 crops
 
 
 def test_replay_reproduces_every_sample(reference_run, capsys):

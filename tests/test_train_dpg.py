@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import webdataset as wds
 import yaml
 
+from conftest import TINY_STAGE1_DPG
 from haodiff_data.shards.schema import encode_sample
 from haodiff_model.bench import gpu as bench_gpu
 from haodiff_model.cli import main
@@ -35,8 +36,6 @@ from haodiff_model.train.state import CheckpointManager, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-TINY_MODEL = {"img_size": SIZE, "embed_dim": 12, "depths": [2, 2, 1, 1], "num_heads": [3, 3, 2, 2],
-              "window_size": 8, "drop_path_rate": 0.1}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +61,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(shards: Path, out: Path, **sections) -> dict:
     cfg = {
-        "dpg": dict(TINY_MODEL),
+        "dpg": dict(TINY_STAGE1_DPG),
         "data": {"urls": [str(shards)], "batch_size": 2, "num_workers": 0, "epoch_length": 4, "shuffle_buffer": 4,
                  "pin_memory": False},
         "train": {"max_steps": 6, "device": "cpu"},
@@ -239,7 +238,7 @@ def test_cli_end_to_end_outputs(shards: Path, tmp_path: Path) -> None:
     assert (out / "loss.png").is_file() and yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert [p.name for p in CheckpointManager(out / "checkpoints").checkpoints()] == ["step-00000003", "step-00000004"]
 
-    fresh = DPGNetwork(DPGConfig.from_dict(TINY_MODEL))
+    fresh = DPGNetwork(DPGConfig.from_dict(TINY_STAGE1_DPG))
     report = load_dpg_weights(fresh, out / "dpg.pth")  # official layout, strict
     assert report.ok and any("dead official" in reason for reason in report.ignored.values())
     trained = CheckpointManager.load(out / "checkpoints" / "step-00000004")["models"]["dpg"]

@@ -3,13 +3,18 @@ config parses, missing paths are named, a few steps reduce the loss on a fixed b
 reproduces the uninterrupted one bit for bit, and the exported official files load back."""
 
 import dataclasses
+import hashlib
 import json
+import os
 import re
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import webdataset as wds
 
 pytest.importorskip("diffusers")
@@ -37,7 +42,7 @@ from haodiff_model.train.osd import OUTPUT_FILES, train  # noqa: E402
 from haodiff_model.train.osd_build import build_parts  # noqa: E402
 from haodiff_model.train.osd_config import TrainOSDConfig  # noqa: E402
 from haodiff_model.train.osd_step import Stage2Step, export_official  # noqa: E402
-from haodiff_model.train.state import read_metrics  # noqa: E402
+from haodiff_model.train.state import CheckpointManager, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -250,3 +255,97 @@ def test_discriminator_waits_for_start_step_and_exports_hold_the_ema_weights(fil
             assert torch.equal(value, shadow), name  # the file holds the EMA weights ...
             differs.append(not torch.equal(shadow, live[name]))
     assert differs and any(differs)  # ... which are not the live ones
+
+
+def test_bf16_autocast_step_trains_with_bf16_frozen_weights(files, tmp_path, monkeypatch):
+    """The CUDA bf16 path (frozen UNet/VAE/D weights cast to bf16, the step under bf16 autocast) run on
+    the CPU, which autocasts to bf16 as well: losses close to the fp32 step's, trainable weights fp32."""
+    cfg = _config(files, tmp_path, model={"sample_latent": False})
+    batch = _fixed_batch(files)
+    fp32 = Stage2Step(build_parts(cfg), cfg.train, cfg.discriminator, cfg.loss, CPU)
+    reference = fp32(batch, 0)
+    monkeypatch.setattr("haodiff_model.train.osd_step.autocast_dtype", lambda precision, device: torch.bfloat16)
+    step = Stage2Step(build_parts(cfg), cfg.train, cfg.discriminator, cfg.loss, CPU)
+    assert step.amp_dtype == torch.bfloat16
+    frozen_unet = [p for n, p in step.restorer.unet.named_parameters() if not p.requires_grad]
+    assert frozen_unet and all(p.dtype == torch.bfloat16 for p in frozen_unet)
+    assert all(p.dtype == torch.bfloat16 for p in step.restorer.vae.parameters())
+    assert all(p.dtype == torch.float32 for p in step.g_params.values())  # LoRA and prompt embedders
+    assert all(p.dtype == torch.float32 for p in step.generator_module.encoder.feature_extractor.parameters())
+    before = {n: p.detach().clone() for n, p in step.g_params.items()}
+    d_params = [p for g in step.opt_d.param_groups for p in g["params"]]
+    d_before = [p.detach().clone() for p in d_params]
+    calls = []
+    hook = step.restorer.unet.register_forward_hook(lambda m, args, out: calls.append(out.sample.dtype))
+    result = step(batch, 0)
+    hook.remove()
+    assert calls and all(dtype == torch.bfloat16 for dtype in calls)  # the UNet really ran in bf16
+    for name in ("mse", "ea_dists", "gan", "d_loss"):
+        value, expected = result[name].item(), reference[name].item()
+        assert np.isfinite(value) and value > 0, name
+        assert value == pytest.approx(expected, rel=0.1), (name, value, expected)
+    assert all(p.dtype == torch.float32 for p in step.g_params.values())
+    moved = {n.split(".")[0] for n, p in step.g_params.items() if not torch.equal(p, before[n])}
+    assert moved == {"encoder", "restorer"}
+    assert all(not torch.equal(a, b) for a, b in zip(d_before, d_params))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    values = module.state_dict().values()
+    return hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in values)).hexdigest()
+
+
+def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    import haodiff_model.train.osd as osd_train
+    from haodiff_model.train.distributed import init_distributed, shutdown_distributed
+
+    built = []
+
+    class RecordingStep(osd_train.Stage2Step):  # keeps a handle on the step the trainer builds
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((self, _state_digest(self.generator_module), _state_digest(self.disc_module)))
+
+    osd_train.Stage2Step = RecordingStep
+    ctx = init_distributed("cpu")
+    osd_train.train(TrainOSDConfig.from_dict(cfg_dict), log=lambda m: None, ctx=ctx)
+    (step, g_start, d_start), = built
+    report = {"backend": ctx.backend, "g_start": g_start, "d_start": d_start,
+              "g": _state_digest(step.generator_module), "d": _state_digest(step.disc_module),
+              "ddp": [type(step.generator).__name__, type(step.disc).__name__]}
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    shutdown_distributed()
+
+
+def test_two_process_gloo_run_keeps_generator_and_discriminator_replicas_identical(files, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = _config(files, out, train={"max_steps": 2}, val={"every": 0})
+    procs = mp.spawn(_ddp_child, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 600  # generous: on a busy shared machine the two ranks start slowly
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.terminate()
+            pytest.fail("2-process stage-2 run did not finish within 600 s")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["backend"] == r1["backend"] == "gloo"
+    assert r0["ddp"] == r1["ddp"] == ["DistributedDataParallel", "DistributedDataParallel"]
+    assert (r0["g_start"], r0["d_start"]) == (r1["g_start"], r1["d_start"])  # same initial weights
+    # every rank trained on its own batches; averaged gradients and the shared redraw RNG keep the
+    # replicas (projection matrices included) identical
+    assert r0["g"] != r0["g_start"] and r0["d"] != r0["d_start"]
+    assert (r0["g"], r0["d"]) == (r1["g"], r1["d"])
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r] == [1, 2]
+    state = CheckpointManager.load(out / "checkpoints" / "step-00000002")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert all((out / name).is_file() for name in OUTPUT_FILES)

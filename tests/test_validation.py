@@ -12,6 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from haodiff_data.config import ConfigError
 from haodiff_data.shards.schema import encode_sample
 from haodiff_model.train.distributed import DistContext
 from haodiff_model.train.dpg import TrainDPGConfig, head_metrics, train
@@ -137,5 +138,5 @@ def test_best_metric_names_must_say_their_direction() -> None:
 def test_an_unknown_best_metric_is_named_at_the_first_validation(tmp_path: Path) -> None:
     train_dir = _shards(tmp_path / "train", "t", ["hmb", "generic", "clean", "hmb"])
     cfg = _config(train_dir, _shards(tmp_path / "val", "v", ["hmb"]), tmp_path / "run", best_metric="val/lpips")
-    with pytest.raises(Exception, match="val.best_metric='val/lpips' is not among"):
+    with pytest.raises(ConfigError, match=r"val\.best_metric='val/lpips' is not among"):
         train(cfg, log=lambda _: None, ctx=DistContext())
