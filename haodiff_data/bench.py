@@ -136,8 +136,8 @@ def segment_throughput(seg: SegmenterChoice) -> dict[str, float]:
         segmenter.segment(crops[:batch])
         start = time.perf_counter()
         labels = [s.parts for s in segmenter.segment(crops)]  # copies to the CPU: synchronised
-        out[str(batch) if precision == seg.precision else f"{batch}_{precision}"] = round(
-            images / (time.perf_counter() - start), 2)
+        rate = images / (time.perf_counter() - start)
+        out[str(batch) if precision == seg.precision else f"{batch}_{precision}"] = float(f"{rate:.3g}")
         segmenter.close()
         return labels
 
