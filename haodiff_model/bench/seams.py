@@ -61,14 +61,32 @@ def _photo(size: int) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def _picture(image: torch.Tensor, err: np.ndarray, band: np.ndarray, path: Path, side: int = 1024) -> None:
+def _picture(image: torch.Tensor, err: np.ndarray, edges: list[tuple[int, int, int, int]], path: Path,
+             side: int = 1024) -> None:
+    """Tiled decode | error map (square root of |error| over its maximum, so small errors show),
+    the inner tile edges drawn as thin green lines beside, not over, the error."""
     rgb = ((image[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    heat = cv2.applyColorMap(np.clip(255 * err / max(float(err.max()), 1e-12), 0, 255).astype(np.uint8),
+    heat = cv2.applyColorMap(np.clip(255 * np.sqrt(err / max(float(err.max()), 1e-12)), 0, 255).astype(np.uint8),
                              cv2.COLORMAP_INFERNO)
-    heat[band] = (heat[band] * 0.5 + np.array([0, 127, 0])).astype(np.uint8)  # boundaries in green
     sheet = np.hstack([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), heat])
     scale = side / sheet.shape[1]
-    cv2.imwrite(str(path), cv2.resize(sheet, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+    sheet = cv2.resize(sheet, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    offset = side // 2
+    for y0, x0, y1, x1 in edges:
+        cv2.line(sheet, (offset + round(x0 * scale), round(y0 * scale)), (offset + round(x1 * scale), round(y1 * scale)),
+                 (0, 160, 0), 1)
+    cv2.imwrite(str(path), sheet)
+
+
+def inner_edges(h: int, w: int, tile: int, pad: int, align: int) -> list[tuple[int, int, int, int]]:
+    """Segments (y0, x0, y1, x1) where two tile cores meet."""
+    edges = []
+    for t in plan_tiles(h, w, tile, pad, align):
+        if t.core_y0 > 0:
+            edges.append((t.core_y0, t.core_x0, t.core_y0, t.core_x1))
+        if t.core_x0 > 0:
+            edges.append((t.core_y0, t.core_x0, t.core_y1, t.core_x0))
+    return edges
 
 
 @torch.no_grad()
@@ -97,7 +115,8 @@ def seam_check(vae: torch.nn.Module, size: int, out: Path | None = None,
     report["seconds"] = round(time.perf_counter() - start, 1)
     if out is not None:
         err = (tiled_image - whole_image).abs().mean(dim=1)[0].numpy()
-        _picture(tiled_image, err, dec_band, out)
+        edges = [tuple(VAE_FACTOR * v for v in e) for e in inner_edges(h, h, decoder[0], decoder[1], 1)]
+        _picture(tiled_image, err, edges, out)
         report["picture"] = str(out)
     return report
 
