@@ -35,6 +35,8 @@ from haodiff_data.segment import Segmentation, check_rgb, instances_from_parts
 DEFAULT_SEG_BATCH = {"cuda": 16, "cpu": 4}
 # How often the main process looks at a loading or stopping service that has not answered yet.
 POLL_S = 0.2
+# Every slot is in its queue before the pool starts: a worker that waits this long finds none.
+SLOT_WAIT_S = 30.0
 
 
 def default_seg_batch(device: str) -> int:
@@ -125,6 +127,13 @@ def _answer(seg: Any, batch: list[Request], replies: list[Any]) -> int:
     return mixed
 
 
+def death_message(checkpoint: str, device: str, exitcode: int | None, when: str) -> str:
+    how = f"was killed by signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exited with code {exitcode}"
+    hint = " (SIGKILL: out of memory?)" if exitcode == -signal.SIGKILL else ""
+    return (f"the sapiens segmentation process for {checkpoint} on {device} {how}{hint} {when}; "
+            "the committed shards are kept: rerun with --resume")
+
+
 class ServiceClient:
     """The segmenter a worker holds: the service's model behind the Segmenter interface. Instances
     are computed here, in the worker, where CPU time is plentiful."""
@@ -132,34 +141,46 @@ class ServiceClient:
     name = "sapiens"
     per_source = False
 
-    def __init__(self, model_id: str, requests: Any, replies: list[Any], slots: Any) -> None:
-        self.model_id = model_id
+    def __init__(self, model_id: str, checkpoint: str, device: str, requests: Any, replies: list[Any], slots: Any,
+                 dead: Any, exitcode: Any) -> None:
+        self.model_id, self._checkpoint, self._device = model_id, checkpoint, device
         self._requests, self._replies, self._slots = requests, replies, slots
+        self._dead, self._exitcode = dead, exitcode
         self._slot: int | None = None
 
     def segment(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
         check_rgb(images)  # here, so that one bad image cannot fail the other requests of a forward
         if self._slot is None:
             try:
-                self._slot = self._slots.get_nowait()
+                # Not get_nowait: workers starting together contend for the queue's lock.
+                self._slot = self._slots.get(timeout=SLOT_WAIT_S)
             except queue.Empty:
                 raise ServiceError("segmentation service: every reply slot is taken (a worker was restarted?)") from None
             # This worker waits on a reply for every request it sends; if the service is gone,
             # unsent request bytes must not keep the worker from exiting.
             self._requests.cancel_join_thread()
         self._requests.put(Request(self._slot, list(images)))
-        status, payload = self._replies[self._slot].get()
-        if status == "died":
-            raise ServiceError(payload)
+        status, payload = self._reply()
         if status == "error":
             raise RuntimeError(f"segmentation service: {payload}")
         return [Segmentation(parts, instances_from_parts(parts)) for parts in payload]
 
+    def _reply(self) -> tuple[str, Any]:
+        # The death notice is an event, not a message in the reply queue: a service killed while
+        # sending a reply leaves that queue's write lock taken for good.
+        while True:
+            try:
+                return self._replies[self._slot].get(timeout=POLL_S)
+            except queue.Empty:
+                if self._dead.is_set():
+                    raise ServiceError(death_message(self._checkpoint, self._device, self._exitcode.value,
+                                                     "mid-run")) from None
+
 
 class SegmentationService:
     """The main process's handle on the service: start (the model is loaded when ``start``
-    returns), hand out clients to ``slots`` workers, stop. If the process dies mid-run, every
-    worker waiting on it gets a ``died`` reply naming the checkpoint, so none waits forever."""
+    returns), hand out clients to ``slots`` workers, stop. If the process dies mid-run, a watchdog
+    thread tells every worker (see ServiceClient._reply), so none waits forever."""
 
     def __init__(self, ctx: Any, checkpoint: str, device: str, precision: str | None, seg_batch: int,
                  slots: int, threads: int) -> None:
@@ -170,6 +191,7 @@ class SegmentationService:
         for slot in range(slots):
             self._slots.put(slot)
         self._control = ctx.Queue()
+        self._dead, self._exitcode = ctx.Event(), ctx.Value("i", 0)
         self._process = ctx.Process(
             target=_serve, name="haodiff-sapiens",
             args=(checkpoint, device, precision, seg_batch, threads, self._requests, self._replies, self._control))
@@ -187,7 +209,8 @@ class SegmentationService:
         self._watchdog.start()
 
     def client(self) -> ServiceClient:
-        return ServiceClient(self.model_id, self._requests, self._replies, self._slots)
+        return ServiceClient(self.model_id, self.checkpoint, self.device, self._requests, self._replies, self._slots,
+                             self._dead, self._exitcode)
 
     def close(self, graceful: bool = True) -> dict[str, Any] | None:
         """Stop the service and wait for it; returns its forward statistics when ``graceful``
@@ -215,18 +238,11 @@ class SegmentationService:
             try:  # it may have written its last word just before exiting
                 return self._control.get(timeout=POLL_S)
             except queue.Empty:
-                raise ServiceError(self._death(when)) from None
-
-    def _death(self, when: str) -> str:
-        code = self._process.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        hint = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
-        return (f"the sapiens segmentation process for {self.checkpoint} on {self.device} {how}{hint} {when}; "
-                "the committed shards are kept: rerun with --resume")
+                raise ServiceError(death_message(self.checkpoint, self.device, self._process.exitcode, when)) from None
 
     def _watch(self) -> None:
         wait([self._process.sentinel])
         if not self._closing:
-            for reply in self._replies:
-                reply.put(("died", self._death("mid-run")))
+            self._exitcode.value = self._process.exitcode
+            self._dead.set()
 
