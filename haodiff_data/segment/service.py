@@ -128,7 +128,8 @@ def _answer(seg: Any, batch: list[Request], replies: list[Any]) -> int:
 
 
 def death_message(checkpoint: str, device: str, exitcode: int | None, when: str) -> str:
-    how = f"was killed by signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exited with code {exitcode}"
+    killed = exitcode is not None and exitcode < 0
+    how = f"was killed by signal {-exitcode}" if killed else f"exited with code {exitcode}"
     hint = " (SIGKILL: out of memory?)" if exitcode == -signal.SIGKILL else ""
     return (f"the sapiens segmentation process for {checkpoint} on {device} {how}{hint} {when}; "
             "the committed shards are kept: rerun with --resume")
@@ -155,7 +156,8 @@ class ServiceClient:
                 # Not get_nowait: workers starting together contend for the queue's lock.
                 self._slot = self._slots.get(timeout=SLOT_WAIT_S)
             except queue.Empty:
-                raise ServiceError("segmentation service: every reply slot is taken (a worker was restarted?)") from None
+                raise ServiceError("segmentation service: every reply slot is taken "
+                                   "(a worker was restarted?)") from None
             # This worker waits on a reply for every request it sends; if the service is gone,
             # unsent request bytes must not keep the worker from exiting.
             self._requests.cancel_join_thread()
