@@ -240,9 +240,11 @@ def segmentation_line(stats: dict[str, Any]) -> str:
 
 
 def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeState, recipe: Recipe,
-                  run_info: dict[str, Any], wall: float, made_now: int, timings: Counter) -> dict[str, Any]:
+                  run_info: dict[str, Any], wall: float, made_now: int, timings: Counter,
+                  seg_forwards: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``rejects-rNNN.jsonl`` and ``summary-rNNN.json`` (counts, throughput, segmentation and
-    HMB shares, parameter histograms over every sample of this node's shards, resumed parts included)."""
+    HMB shares, parameter histograms over every sample of this node's shards, resumed parts included).
+    ``seg_forwards``: how this invocation's Sapiens forwards were filled (synth with Sapiens only)."""
     shards = node_shards(out, prefix, node_rank)
     metas = read_metas(shards)
     summary = {
@@ -267,6 +269,7 @@ def write_summary(out: Path, prefix: str, node_rank: int, state: writer.NodeStat
             # W idle cores make about W * 1000 / cpu_ms_per_sample samples/s.
             "cpu_ms_per_sample": round(1000 * timings.get("cpu", 0.0) / max(made_now, 1), 2),
             "worker_peak_rss_mib": round(timings.get("peak_rss_mib", 0.0), 1),
+            **({"sapiens_forwards": seg_forwards} if seg_forwards else {}),
         },
         "segmentation": segmentation_stats(metas, recipe),
         "parameters": summarize_table(parameter_table(metas)),
@@ -288,6 +291,10 @@ def print_summary(summary: dict[str, Any], out: Path, command: str = "synth", fi
         file=file,
     )
     print(f"  {segmentation_line(summary['segmentation'])}", file=file)
+    forwards = inv.get("sapiens_forwards")
+    if forwards and forwards["forwards"]:
+        print(f"  sapiens ({forwards['process']}): {forwards['forwards']} forwards, {forwards['images_per_forward']} "
+              f"images per forward (--seg-batch {forwards['seg_batch']})", file=file)
     if summary.get("samples_repeating_a_crop"):
         print(f"  note: {summary['samples_repeating_a_crop']} samples repeat the HQ crop of an earlier sample of the "
               "same source (sources at the crop size); they differ only in degradation", file=file)

@@ -79,20 +79,28 @@ def _timed(worker: Worker, task: Any) -> TaskResult:
     return result
 
 
+def process_context(preload: tuple[str, ...] = ()) -> Any:
+    """How a run starts its processes (workers, a segmentation service). ``preload`` modules are
+    imported once by the fork server, so processes do not pay for importing them; it counts only
+    if given before the context's first process starts."""
+    # forkserver, not fork: a process must not inherit model runtimes or threads from the parent.
+    ctx = mp.get_context("forkserver")
+    if preload:
+        ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
 def ordered_map(factory: Callable[[], Worker], tasks: Iterable, workers: int,
-                preload: tuple[str, ...] = ()) -> Iterator[TaskResult]:
+                preload: tuple[str, ...] = (), ctx: Any = None) -> Iterator[TaskResult]:
     """Each task through a worker built by ``factory`` (once per process), results in task order;
-    in this process when ``workers <= 1``. ``preload`` modules are imported once by the fork
-    server, so workers do not pay for importing them."""
+    in this process when ``workers <= 1``. Pool processes come from ``ctx`` (default:
+    ``process_context(preload)``)."""
     if workers <= 1:
         worker = factory()
         for task in tasks:
             yield _timed(worker, task)
         return
-    # forkserver, not fork: a worker must not inherit model runtimes or threads from the parent.
-    ctx = mp.get_context("forkserver")
-    if preload:
-        ctx.set_forkserver_preload(list(preload))
+    ctx = ctx or process_context(preload)
     with ctx.Pool(workers, initializer=_start_worker, initargs=(factory,)) as pool:
         yield from pool.imap(_run_task, tasks, chunksize=1)
 

@@ -8,10 +8,12 @@ process writes them in task order, so output bytes never depend on the worker co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ from haodiff_data.intake.sources import Source, list_sources, sha256
 from haodiff_data.recipe import Recipe
 from haodiff_data.report import write_summary
 from haodiff_data.rng import CROP_STREAM, DEGRADE_STREAM, sample_rng
-from haodiff_data.run import RunError, TaskResult, Timer, drive, open_sink, ordered_map
-from haodiff_data.segment import Segmentation, instances_from_parts, make_segmenter, renumber
+from haodiff_data.run import RunError, TaskResult, Timer, drive, open_sink, ordered_map, process_context
+from haodiff_data.segment import Segmentation, Segmenter, instances_from_parts, make_segmenter, renumber
 from haodiff_data.segment.goliath import people_by_group, person_box, person_groups
 from haodiff_data.shards.schema import encode_sample
 
@@ -50,13 +52,13 @@ class SynthConfig:
     checkpoint: str | None = None
     device: str = "cpu"
     seg_precision: str | None = None  # sapiens only: fp32 | tf32 | bf16; None = as the checkpoint kind runs
+    seg_batch: int | None = None  # sapiens only: images per forward; None = default_seg_batch(device)
     labels_dir: str | None = None
     num_nodes: int = 1
     node_rank: int = 0
     prefix: str = "haodiff"
     resume: bool = False
     progress: bool = True
-    threads: int = 1  # torch intra-op threads per worker (Sapiens on the CPU)
 
 
 @dataclass
@@ -109,20 +111,17 @@ class SegmenterError(RunError):
 
 
 class SynthWorker:
-    """Turns tasks into encoded samples; one per process, owning that process's segmenter."""
+    """Turns tasks into encoded samples; one per process. ``segmenter`` is the run's shared Sapiens
+    (a client of the segmentation service, or the model itself when tasks run in the main
+    process); without it the worker builds its own (MediaPipe, label maps) on first use."""
 
-    def __init__(self, cfg: SynthConfig) -> None:
+    def __init__(self, cfg: SynthConfig, segmenter: Segmenter | None = None) -> None:
         # One OpenCV thread per worker: parallelism comes from processes, and it keeps OpenCV's
         # results independent of thread scheduling.
         cv2.setNumThreads(1)
         tune_malloc()
-        if cfg.segmenter == "sapiens":
-            import torch
-
-            # Workers share the cores: each gets its slice instead of all of them.
-            torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self._segmenter = None
+        self._segmenter = segmenter
 
     @property
     def segmenter(self):
@@ -139,7 +138,7 @@ class SynthWorker:
         """One source's samples; an unexpected failure rejects that source instead of ending the run."""
         try:
             return self._process(task)
-        except SegmenterError:
+        except RunError:  # the segmenter cannot start or its service is gone: no later task can succeed
             raise
         except Exception as exc:  # noqa: BLE001 - a long run must record a bad input and go on
             k_per = self.cfg.samples_per_image
@@ -266,8 +265,8 @@ def make_sample(
 
 
 def check_segmenter(cfg: SynthConfig) -> None:
-    """Stop a run that cannot segment before it starts (the model itself loads in the workers;
-    a load failure there ends the run too, see SegmenterError)."""
+    """Stop a run that cannot segment before it lists its sources (the model itself loads in
+    ``shared_sapiens``, still before any task)."""
     if cfg.segmenter == "sapiens":
         from haodiff_data.segment.sapiens import check_checkpoint
 
@@ -288,24 +287,77 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
     first = sink.state.next_task
     todo = tasks[first:]
     t0 = time.perf_counter()
-    results = ordered_map(functools.partial(SynthWorker, cfg), todo, cfg.workers, preload=("haodiff_data.synth",))
-    made, timings = drive(results, sink, first, len(tasks), sum(len(t.ks) for t in todo), cfg.progress)
+    ctx = process_context(preload=("haodiff_data.synth",))
+    with shared_sapiens(cfg, ctx) as shared:
+        # closing: the pool ends (on errors too) before the service it talks to.
+        with contextlib.closing(ordered_map(functools.partial(SynthWorker, cfg, shared.segmenter), todo,
+                                            cfg.workers, ctx=ctx)) as results:
+            made, timings = drive(results, sink, first, len(tasks), sum(len(t.ks) for t in todo), cfg.progress)
     run_info = {"seed": cfg.seed, "num_nodes": cfg.num_nodes, "workers": cfg.workers, "segmenter": cfg.segmenter,
                 "samples_per_image": cfg.samples_per_image}
     return write_summary(cfg.out, cfg.prefix, cfg.node_rank, sink.state, cfg.recipe, run_info,
-                         time.perf_counter() - t0, made, timings)
+                         time.perf_counter() - t0, made, timings, shared.stats)
+
+
+@dataclass
+class SharedSapiens:
+    segmenter: Segmenter | None = None  # what the workers segment with; None: each builds its own
+    stats: dict[str, Any] | None = None  # the forwards' statistics, set when the run ends well
+
+
+@contextlib.contextmanager
+def shared_sapiens(cfg: SynthConfig, ctx: Any) -> Iterator[SharedSapiens]:
+    """The run's one Sapiens model, loaded before any task. With one worker it runs in this
+    process: a lone worker sends one request at a time, so a service could not batch across
+    sources and would only add a process and a copy of every crop. With more, it runs in a
+    segmentation service process (haodiff_data.segment.service) that all workers reach."""
+    shared = SharedSapiens()
+    if cfg.segmenter != "sapiens":
+        yield shared
+        return
+    from haodiff_data.segment.service import SegmentationService, default_seg_batch, forward_stats
+
+    seg_batch = cfg.seg_batch or default_seg_batch(cfg.device)
+    if cfg.workers <= 1:
+        import torch
+
+        if cfg.device == "cpu":
+            # This process is the only one computing; torch's default counts the machine's cores,
+            # not the ones this job may use (SLURM, taskset).
+            torch.set_num_threads(cpu_count())
+        try:
+            seg = make_segmenter("sapiens", checkpoint=cfg.checkpoint, device=cfg.device, batch_size=seg_batch,
+                                 precision=cfg.seg_precision)
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            raise SegmenterError(f"segmenter 'sapiens' cannot start: {exc}") from exc
+        shared.segmenter = seg
+        try:
+            yield shared
+            shared.stats = forward_stats(seg.forwards, seg.images, 0, "in-process", seg_batch)
+        finally:
+            seg.close()
+        return
+    service = SegmentationService(ctx, cfg.checkpoint or "", cfg.device, cfg.seg_precision, seg_batch,
+                                  slots=cfg.workers, threads=cpu_count())
+    service.start()
+    finished = False
+    try:
+        shared.segmenter = service.client()
+        yield shared
+        finished = True
+    finally:
+        shared.stats = service.close(graceful=finished)
 
 
 def cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-# Peak RSS of one worker: MediaPipe measured at 470 MiB (``haodiff-data bench``); Sapiens on the
-# CPU at about 4x its TorchScript file (7.6 GB for the 1.36 GB 0.3B file), plus the pipeline.
-MEDIAPIPE_WORKER_BYTES = 512 * 2**20
+# Peak RSS of one worker: with MediaPipe measured at 470 MiB (``haodiff-data bench``); a Sapiens
+# worker holds no model (the segmentation service does) and stays below that. Sapiens on the CPU
+# takes about 4x its TorchScript file (7.6 GB for the 1.36 GB 0.3B file), once per run.
+WORKER_BYTES = 512 * 2**20
 SAPIENS_CPU_FACTOR = 4.5
-# Each worker holds its own model copy; on one GPU a few suffice to keep it busy.
-MAX_WORKERS_PER_GPU = 4
 
 
 def available_memory() -> int | None:
@@ -321,14 +373,13 @@ def available_memory() -> int | None:
 
 
 def default_workers(segmenter: str = "mediapipe", checkpoint: str | None = None, device: str = "cpu") -> int:
-    """All cores, fewer when one worker per core would not fit in memory (or crowd one GPU)."""
+    """All cores, fewer when one worker per core would not fit in memory. Sapiens is held once per
+    run by the segmentation service, whatever the worker count: on the CPU its memory comes off the
+    top; on a GPU it is in device memory, and every worker helps fill the service's batches."""
     cores = cpu_count()
-    if segmenter == "sapiens" and device.startswith("cuda"):
-        return min(cores, MAX_WORKERS_PER_GPU)
-    per_worker = MEDIAPIPE_WORKER_BYTES
-    if segmenter == "sapiens" and checkpoint and os.path.isfile(checkpoint):
-        per_worker = int(SAPIENS_CPU_FACTOR * os.path.getsize(checkpoint)) + MEDIAPIPE_WORKER_BYTES
     free = available_memory()
     if free is None:
         return cores
-    return max(1, min(cores, free // per_worker))
+    if segmenter == "sapiens" and device == "cpu" and checkpoint and os.path.isfile(checkpoint):
+        free -= int(SAPIENS_CPU_FACTOR * os.path.getsize(checkpoint))
+    return max(1, min(cores, free // WORKER_BYTES))

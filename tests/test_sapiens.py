@@ -171,14 +171,20 @@ def test_default_workers_account_for_the_model(tmp_path, monkeypatch):
     from haodiff_data import synth
 
     monkeypatch.setattr(synth, "cpu_count", lambda: 32)
-    monkeypatch.setattr(synth, "available_memory", lambda: 64 * 2**30)
     big = tmp_path / "big_torchscript.pt2"
     with open(big, "wb") as f:
         f.truncate(1_358_871_599)  # the 0.3B file's size, sparse
-    # 64 GiB / (4.5 x 1.36 GB + 0.5 GiB) = 10 workers, not 32 model copies.
-    assert synth.default_workers("sapiens", str(big), "cpu") == 10
-    assert synth.default_workers("sapiens", str(big), "cuda") == synth.MAX_WORKERS_PER_GPU
-    assert synth.default_workers("mediapipe") == 32
+    monkeypatch.setattr(synth, "available_memory", lambda: 8 * 2**30)
+    # The service holds the model once: (8 GiB - 4.5 x 1.36 GB) / 0.5 GiB = 4 workers on the CPU;
+    # on a GPU the model is in device memory and 8 GiB / 0.5 GiB = 16 workers fit.
+    assert synth.default_workers("sapiens", str(big), "cpu") == 4
+    assert synth.default_workers("sapiens", str(big), "cuda") == 16
+    assert synth.default_workers("mediapipe") == 16
+    monkeypatch.setattr(synth, "available_memory", lambda: 64 * 2**30)
+    # 32 workers, not 10 as when every worker held its own copy (64 GiB / (4.5 x 1.36 GB + 0.5 GiB)).
+    assert synth.default_workers("sapiens", str(big), "cpu") == 32
+    monkeypatch.setattr(synth, "available_memory", lambda: 4 * 2**30)
+    assert synth.default_workers("sapiens", str(big), "cpu") == 1  # the model alone does not fit: one worker
 
 
 def test_standin_has_the_real_contract_and_loads_through_the_segmenter(tmp_path):
@@ -277,3 +283,81 @@ def test_seg_precision_reaches_the_samples_and_is_refused_where_meaningless(tmp_
     assert metas and {m["segmenter"]["model_id"] for m in metas} == {"tiny_seg_torchscript.pt2@bf16"}
     assert _run_synth(tmp_path / "b", "--checkpoint", tiny_torchscript, "--seg-precision", "tf32") == 2
     assert "--seg-precision" in capsys.readouterr().err and not list((tmp_path / "b").glob("*.tar"))
+
+
+def _service(checkpoint: str, seg_batch: int, slots: int):
+    from haodiff_data.run import process_context
+    from haodiff_data.segment.service import SegmentationService
+
+    return SegmentationService(process_context(), checkpoint, "cpu", None, seg_batch, slots=slots, threads=1)
+
+
+def test_service_packs_requests_of_several_workers_into_one_forward(tiny_torchscript):
+    import threading
+
+    images = [_half_white(48, 40), _half_white(40, 56), _half_white(64, 30), _half_white(30, 30)]
+    service = _service(tiny_torchscript, seg_batch=8, slots=2)
+    clients = [service.client(), service.client()]
+    got: dict[int, list] = {}
+
+    def ask(n: int) -> None:
+        got[n] = clients[n].segment(images[2 * n : 2 * n + 2])
+
+    # Both requests are sent while the model loads; small images fit the queue's pipe whole, so
+    # the service finds them both waiting when it starts reading.
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    service.start()
+    for t in threads:
+        t.join(timeout=60)
+    stats = service.close()
+    assert stats == {"process": "service", "seg_batch": 8, "forwards": 1, "images": 4, "images_per_forward": 4.0,
+                     "forwards_mixing_requests": 1}
+    alone = make_segmenter("sapiens", checkpoint=tiny_torchscript, batch_size=1)
+    for n in range(2):
+        for image, seg in zip(images[2 * n : 2 * n + 2], got[n]):
+            expected = alone.segment([image])[0]  # the same labels as in a forward of its own
+            assert np.array_equal(seg.parts, expected.parts) and np.array_equal(seg.persons, expected.persons)
+
+
+def test_a_service_that_dies_mid_run_fails_its_workers_with_a_message(tiny_torchscript):
+    from haodiff_data.segment.service import ServiceError
+
+    service = _service(tiny_torchscript, seg_batch=4, slots=1)
+    service.start()
+    client = service.client()
+    assert client.model_id == "tiny_seg_torchscript.pt2" and len(client.segment([_half_white(32, 32)])) == 1
+    service._process.kill()  # what the OOM killer would do
+    with pytest.raises(ServiceError, match=r"tiny_seg_torchscript\.pt2 on cpu was killed by signal 9.*mid-run"):
+        client.segment([_half_white(32, 32)])
+    assert service.close() is None and service._process.exitcode == -9
+
+
+def test_output_bytes_do_not_depend_on_workers_or_seg_batch(tmp_path, tiny_torchscript):
+    import multiprocessing
+
+    from haodiff_data.cli import main
+
+    runs = {}
+    for workers, seg_batch in (("1", "1"), ("2", "4")):
+        out = tmp_path / f"w{workers}b{seg_batch}"
+        # The bundled photos: one at the crop size, two searched for a person first.
+        assert main(["synth", "--out", str(out), "--no-progress", "-k", "2", "--segmenter", "sapiens",
+                     "--checkpoint", tiny_torchscript, "--workers", workers, "--seg-batch", seg_batch]) == 0
+        runs[workers] = json.loads((out / "summary-r000.json").read_text())["this_invocation"]["sapiens_forwards"]
+        assert not multiprocessing.active_children()  # workers and service joined
+    assert [p.read_bytes() for p in sorted((tmp_path / "w1b1").glob("*.tar"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "w2b4").glob("*.tar"))]
+    # 2 person searches + 6 crops either way; one image per forward in-process at --seg-batch 1, and
+    # with 2 workers at most one forward per request (5 requests of at most 2 images).
+    assert runs["1"] == {"process": "in-process", "seg_batch": 1, "forwards": 8, "images": 8,
+                         "images_per_forward": 1.0, "forwards_mixing_requests": 0}
+    assert runs["2"]["process"] == "service" and runs["2"]["images"] == 8 and 2 <= runs["2"]["forwards"] <= 5
+
+
+def test_seg_batch_is_refused_without_sapiens(tmp_path, capsys):
+    from haodiff_data.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--seg-batch", "4"]) == 2
+    assert "--seg-batch applies to --segmenter sapiens only" in capsys.readouterr().err

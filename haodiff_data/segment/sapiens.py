@@ -117,6 +117,9 @@ class SapiensSegmenter:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.static_batch: int | None = None
+        # What the run summary reports: how full the forwards were.
+        self.forwards = 0
+        self.images = 0
         try:
             if is_torchscript(checkpoint):
                 with warnings.catch_warnings():
@@ -181,16 +184,24 @@ class SapiensSegmenter:
                 f"sapiens checkpoint {self.checkpoint}: expected logits of shape ({n}, {NUM_CLASSES}, h, w) "
                 f"(Goliath-28), got {tuple(logits.shape)}"
             )
+        self.forwards += 1
+        self.images += n
         return logits[:n].float()
 
-    def segment(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
+    @property
+    def forward_size(self) -> int:
+        """Images per forward: the exported program's fixed batch, else ``batch_size``."""
+        return self.static_batch or self.batch_size
+
+    def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Goliath part labels (uint8 HxW) of each image, ``forward_size`` images per forward."""
         import torch
         import torch.nn.functional as F
 
         check_rgb(images)
         if self.model is None:
             raise RuntimeError(f"sapiens segmenter for {self.checkpoint} is closed")
-        step = self.static_batch or self.batch_size
+        step = self.forward_size
         out: list[np.ndarray] = []
         for start in range(0, len(images), step):
             chunk = images[start : start + step]
@@ -202,8 +213,11 @@ class SapiensSegmenter:
                 up = F.interpolate(logit[None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
                 crop = up[:, top : top + height, left : left + width]
                 out.append(crop.argmax(dim=0).to(torch.uint8).cpu().numpy())
+        return out
+
+    def segment(self, images: Sequence[np.ndarray]) -> list[Segmentation]:
         # Sapiens labels parts, not people: instances are its connected regions.
-        return [Segmentation(parts, instances_from_parts(parts)) for parts in out]
+        return [Segmentation(parts, instances_from_parts(parts)) for parts in self.labels(images)]
 
     def close(self) -> None:
         self.model = None
