@@ -5,6 +5,8 @@ Test modules import the configs with `from conftest import TINY_DPG` (pytest put
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,3 +48,18 @@ def no_onednn() -> Iterator[None]:
     torch.backends.mkldnn.enabled = False
     yield
     torch.backends.mkldnn.enabled = previous
+
+
+def spawn_ranks(fn: Any, args: tuple, world: int, what: str, limit_s: float = 600) -> None:
+    """Run fn(rank, world, port, *args) in `world` spawned processes on a free loopback port; fail
+    the test if they take longer than `limit_s` (generous: on a busy shared machine ranks start slowly)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = torch.multiprocessing.spawn(fn, args=(world, port, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + limit_s
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.terminate()
+            pytest.fail(f"{what} did not finish within {limit_s:.0f} s")

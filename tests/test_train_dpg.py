@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import re
-import socket
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -15,11 +13,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import webdataset as wds
 import yaml
 
-from conftest import TINY_STAGE1_DPG
+from conftest import TINY_STAGE1_DPG, spawn_ranks
 from haodiff_data.shards.schema import encode_sample
 from haodiff_model.bench import gpu as bench_gpu
 from haodiff_model.cli import main
@@ -267,12 +264,6 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards: Path, tmp_
     assert a["loader_step"] == b["loader_step"] == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -294,13 +285,7 @@ def test_two_process_gloo_run_then_resume_on_one_process(shards: Path, tmp_path:
     out = tmp_path / "ddp"
     cfg = _config(shards, out, train={"max_steps": 2, "device": "cpu"}, val={"samples": 2, "every": 2},
                   output={"dir": str(out), "log_every": 1, "ckpt_every": 2, "keep_last": 2})
-    procs = mp.spawn(_ddp_child, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 600  # generous: on a busy shared machine the two ranks start slowly
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("2-process run did not finish within 600 s")
+    spawn_ranks(_ddp_child, (cfg, str(tmp_path)), 2, "2-process run")
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["backend"] for r in reports] == ["gloo", "gloo"]
     assert reports[0]["keys"] != reports[1]["keys"]  # each rank reads its own slice of the stream

@@ -7,20 +7,18 @@ import hashlib
 import json
 import os
 import re
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import webdataset as wds
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
+from conftest import spawn_ranks  # noqa: E402
 from haodiff_data.shards.schema import encode_sample  # noqa: E402
 from haodiff_model.bench.osd import (  # noqa: E402
     TINY_DPG,
@@ -290,12 +288,6 @@ def test_bf16_autocast_step_trains_with_bf16_frozen_weights(files, tmp_path, mon
     assert all(not torch.equal(a, b) for a, b in zip(d_before, d_params))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _state_digest(module: torch.nn.Module) -> str:
     values = module.state_dict().values()
     return hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in values)).hexdigest()
@@ -330,13 +322,7 @@ def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str
 def test_two_process_gloo_run_keeps_generator_and_discriminator_replicas_identical(files, tmp_path):
     out = tmp_path / "ddp"
     cfg = _config(files, out, train={"max_steps": 2}, val={"every": 0})
-    procs = mp.spawn(_ddp_child, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 600  # generous: on a busy shared machine the two ranks start slowly
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("2-process stage-2 run did not finish within 600 s")
+    spawn_ranks(_ddp_child, (cfg.to_dict(), str(tmp_path)), 2, "2-process stage-2 run")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["backend"] == r1["backend"] == "gloo"
     assert r0["ddp"] == r1["ddp"] == ["DistributedDataParallel", "DistributedDataParallel"]
