@@ -6,7 +6,7 @@
 #    latency; then the torch.profiler tables of both (where the time goes)
 # 2. restore: bf16 batch 1 and 8, and the official-equivalent fp32 batch 1 (random SD2.1-base weights)
 # 3. synthesis on all cores: MediaPipe; then a random Sapiens-0.3B-sized TorchScript on the GPU:
-#    its throughput alone, then end to end with 4 workers (the default per GPU) and with all cores
+#    its throughput alone, then end to end with 4 workers and with all cores (one segmentation process either way)
 # 4. stage 2: one training step at batch 2 with the SDXL discriminator (random weights)
 # One run on an H200 took 334 s with the first version of this script (no profile, one Sapiens run).
 # SMOKE=1 runs the same commands on tiny sizes (a CPU check of the script, numbers meaningless).
