@@ -79,7 +79,7 @@ def stage_timings(recipe: Recipe, n: int, seed: int, seg: SegmenterChoice = Segm
     if not groups:
         raise RuntimeError("bench: the segmenter found no person in the bundled astronaut photo")
     img = hq.astype(np.float32) / 255
-    draws = [hmb_module.draw_hmb(rng, recipe.hmb, list(groups)) for _ in range(n)]
+    draws = [hmb_module.draw_hmb(rng, recipe.hmb, list(groups), recipe.psf_scale()) for _ in range(n)]
     shape = hq.shape[:2]
     scale = recipe.generic.scale
 

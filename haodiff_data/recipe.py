@@ -62,6 +62,7 @@ class HMBConfig:
     psf_max_len: float = 60.0
     psf_expl_choices: tuple[float, ...] = (0.01, 0.009, 0.008, 0.007, 0.005, 0.003)
     psf_fraction_choices: tuple[float, ...] = (0.1, 0.5, 1.0)
+    psf_units: str = "lq"  # lq: PSF sizes are LQ pixels (trajectory magnified by generic.scale) | hq
     mask_threshold: float = 0.5
 
 
@@ -154,6 +155,10 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def psf_scale(self) -> int:
+        """Magnification of the HMB trajectory: generic.scale when PSF sizes are in LQ pixels."""
+        return self.generic.scale if self.hmb.psf_units == "lq" else 1
 
     def sha256(self) -> str:
         """Hash of what shapes a sample: not the name, not how samples are grouped into shards."""
@@ -278,6 +283,8 @@ def validate(recipe: Recipe) -> Recipe:
         _fail("hmb.psf_expl_choices", "values >= 0, at least one", hmb.psf_expl_choices)
     if not hmb.psf_fraction_choices or not all(0 < f <= 1 for f in hmb.psf_fraction_choices):
         _fail("hmb.psf_fraction_choices", "fractions in (0, 1], at least one", hmb.psf_fraction_choices)
+    if hmb.psf_units not in ("lq", "hq"):
+        _fail("hmb.psf_units", "lq or hq", hmb.psf_units)
     _check_order(recipe.generic.first, "generic.first")
     _check_order(recipe.generic.second, "generic.second")
     final = recipe.generic.final

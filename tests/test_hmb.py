@@ -62,6 +62,36 @@ def test_motion_psf_rebuilds_from_params_alone():
     assert np.count_nonzero(psf) == params["psf_support_px"]
 
 
+def test_psf_scale_magnifies_the_same_trajectory():
+    cfg = HMBConfig(psf_expl_choices=(0.005,), psf_fraction_choices=(1.0,))
+    small = draw_hmb(np.random.default_rng(7), cfg, ["head"])
+    large = draw_hmb(np.random.default_rng(7), cfg, ["head"], psf_scale=4)
+    assert small["psf_scale"] == 1.0 and large["psf_scale"] == 4.0
+    assert {k: v for k, v in small.items() if k.startswith("psf_") and k not in ("psf_scale", "psf_extent_px", "psf_support_px")} == {
+        k: v for k, v in large.items() if k.startswith("psf_") and k not in ("psf_scale", "psf_extent_px", "psf_support_px")
+    }
+    assert large["psf_extent_px"] == pytest.approx(4 * small["psf_extent_px"], abs=0.01)
+    psf = motion_psf(large)
+    assert psf.shape == (256, 256) and math.isclose(psf.sum(), 1.0, rel_tol=1e-12)
+    rows, cols = np.indices(psf.shape)
+    assert abs((psf * rows).sum() - 128) < 0.05 and abs((psf * cols).sum() - 128) < 0.05
+    # The magnified PSF is the small one's shape, spread over 4x the length: its second moments
+    # grow 16-fold (up to the splat's own width, which does not scale).
+    def spread(p):
+        c = p.shape[0] // 2
+        return float((p * ((rows[: p.shape[0], : p.shape[1]] - c) ** 2 + (cols[: p.shape[0], : p.shape[1]] - c) ** 2)).sum())
+    assert spread(psf) == pytest.approx(16 * spread(motion_psf(small)), rel=0.05)
+    with pytest.raises(ValueError, match="psf_scale must be > 0"):
+        draw_hmb(np.random.default_rng(7), cfg, ["head"], psf_scale=0)
+
+
+def test_params_without_psf_scale_rebuild_the_unmagnified_psf():
+    params = _params(4)
+    old = {k: v for k, v in params.items() if k != "psf_scale"}  # a sample written before the knob
+    hmb.clear_psf_cache()
+    assert np.array_equal(motion_psf(old), motion_psf(params))
+
+
 def test_group_draw_uses_only_available_groups_with_renormalised_weights():
     cfg = HMBConfig(
         groups=("head", "left_upper_limb", "right_upper_limb", "whole_body"),

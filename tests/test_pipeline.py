@@ -39,6 +39,16 @@ def test_hmb_draws_only_available_groups():
     assert groups == {"head", "whole_body"}
 
 
+def test_psf_size_is_in_lq_pixels_by_default():
+    recipe = _recipe(p_none=0, p_hmb=1, p_generic=0)
+    lq_units = draw_degradation(np.random.default_rng(3), recipe, (512, 512), ["head"])["hmb"]
+    hq_recipe = dataclasses.replace(recipe, hmb=dataclasses.replace(recipe.hmb, psf_units="hq"))
+    hq_units = draw_degradation(np.random.default_rng(3), hq_recipe, (512, 512), ["head"])["hmb"]
+    assert recipe.generic.scale == 4 and lq_units["psf_scale"] == 4.0 and hq_units["psf_scale"] == 1.0
+    assert lq_units["psf_seed"] == hq_units["psf_seed"]
+    assert abs(lq_units["psf_extent_px"] - 4 * hq_units["psf_extent_px"]) < 0.01
+
+
 def test_later_stages_do_not_depend_on_the_first_order_draw():
     a = draw_degradation(np.random.default_rng(5), _recipe(p_none=1, p_hmb=0, p_generic=0), (512, 512), ["head"])
     b = draw_degradation(np.random.default_rng(5), _recipe(p_none=0, p_hmb=0, p_generic=1), (512, 512), ["head"])

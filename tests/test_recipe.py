@@ -98,6 +98,7 @@ def test_missing_recipe_names_path():
     ("generic:\n  first:\n    resize:\n      modes: [area, nearest]\n", "generic.first.resize.modes", "resize modes"),
     ("shards:\n  samples_per_shard: 0\n", "shards.samples_per_shard", "an integer >= 1"),
     ("shards:\n  png_compression: 9\n", "shards.png_compression", "an ISA-L deflate level in [0, 3]"),
+    ("hmb:\n  psf_units: px\n", "hmb.psf_units", "lq or hq"),
 ])
 def test_values_the_pipeline_cannot_use_are_named(tmp_path, yaml_text, key, expected):
     path = tmp_path / "bad.yaml"

@@ -29,13 +29,18 @@ from haodiff_data.rng import child_seed
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
 
 
-def draw_hmb(rng: np.random.Generator, cfg: HMBConfig, available_groups: list[str]) -> dict:
+def draw_hmb(
+    rng: np.random.Generator, cfg: HMBConfig, available_groups: list[str], psf_scale: float = 1.0
+) -> dict:
     """Draw the group, morphology, feathering and PSF parameters of one HMB sample.
 
     Draw order (fixed, for replay): group, erosion size, dilation size, feather sigma, expl,
     fraction, psf_seed. The group is drawn among ``available_groups`` in recipe order with the
-    recipe weights renormalised over them.
+    recipe weights renormalised over them. ``psf_scale`` magnifies the trajectory (and its canvas)
+    after it is drawn: the same motion, measured in pixels of an image that many times larger.
     """
+    if not psf_scale > 0:
+        raise ValueError(f"draw_hmb: psf_scale must be > 0, got {psf_scale}")
     group = _draw_group(rng, cfg, available_groups)
     erode = _draw_odd(rng, cfg.erode_range, "hmb.erode_range")
     dilate = _draw_odd(rng, cfg.dilate_range, "hmb.dilate_range")
@@ -58,6 +63,7 @@ def draw_hmb(rng: np.random.Generator, cfg: HMBConfig, available_groups: list[st
         "psf_max_len": float(cfg.psf_max_len),
         "psf_expl": expl,
         "psf_fraction": fraction,
+        "psf_scale": float(psf_scale),
     }
     _, info = _psf_and_info(*_psf_key(params))
     info = dict(info)
@@ -74,7 +80,10 @@ def weight_map(part_mask: np.ndarray, params: dict) -> np.ndarray:
 
 
 def motion_psf(params: dict) -> np.ndarray:
-    """The float64 (psf_canvas, psf_canvas) unit-sum PSF described by ``params`` (rebuilt from its seed)."""
+    """The float64 unit-sum PSF described by ``params`` (rebuilt from its seed).
+
+    Its side is ceil(psf_canvas * psf_scale) px.
+    """
     psf, _ = _psf_and_info(*_psf_key(params))
     return psf.copy()
 
@@ -142,6 +151,8 @@ def _psf_key(params: dict) -> tuple:
             float(params["psf_max_len"]),
             float(params["psf_expl"]),
             float(params["psf_fraction"]),
+            # Samples written before the PSF could be magnified carry no psf_scale: they used 1.
+            float(params.get("psf_scale", 1.0)),
         )
     except KeyError as exc:
         raise ValueError(f"HMB params: missing key {exc.args[0]!r}") from exc
@@ -151,10 +162,11 @@ def _psf_key(params: dict) -> tuple:
 # (seed, shape) -> PSF map saves building the same trajectory twice per sample.
 @functools.lru_cache(maxsize=16)
 def _psf_and_info(
-    seed: int, canvas: int, iters: int, max_len: float, expl: float, fraction: float
+    seed: int, canvas: int, iters: int, max_len: float, expl: float, fraction: float, scale: float
 ) -> tuple[np.ndarray, dict]:
     traj, info = markov_trajectory(np.random.default_rng(seed), canvas, iters, max_len, expl)
-    psf = trajectory_psf(traj, canvas, fraction)
+    traj = traj * scale
+    psf = trajectory_psf(traj, math.ceil(canvas * scale), fraction)
     psf.flags.writeable = False
     info["extent_px"] = round(trajectory_extent(traj), 3)
     info["exposed_extent_px"] = round(trajectory_extent(traj, exposure_weights(iters, fraction)), 3)

@@ -66,7 +66,7 @@ def draw_degradation(
     scale = recipe.generic.scale
     hmb = None
     if kind == "hmb":
-        hmb = draw_hmb(rng_hmb, recipe.hmb, usable)
+        hmb = draw_hmb(rng_hmb, recipe.hmb, usable, recipe.psf_scale())
         hmb["min_group_fraction"] = recipe.hmb.min_group_fraction
         if group_people is not None:
             people = group_people[hmb["group"]]
