@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a check failed (replay mismatch); 2 bad arguments or a run that cannot
 start; 3 the run finished but some inputs were rejected (see rejects-r*.jsonl); 4 writing the
-output failed (disk full, ...): nothing partial is left, and --resume continues.
+output failed (disk full, ...): nothing partial is left, and --resume continues; 130 interrupted
+(Ctrl-C): the shards committed so far are kept, and --resume continues.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REJECTS, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 def _int_at_least(low: int):
@@ -484,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     except OutputWriteError as exc:
         print(f"haodiff-data {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED
+    except KeyboardInterrupt:
+        resumable = args.command in ("synth", "degrade")
+        hint = f": the shards committed in {args.out} are kept, rerun with --resume to continue" if resumable else ""
+        print(f"haodiff-data {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

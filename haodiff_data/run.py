@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -63,6 +64,9 @@ _worker: Worker | None = None
 
 def _start_worker(factory: Callable[[], Worker]) -> None:
     global _worker
+    # Ctrl-C reaches the whole process group; the main process alone stops the run (and the pool),
+    # so the workers do not print a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = factory()
 
 

@@ -5,9 +5,13 @@ Test modules import the configs with `from conftest import TINY_DPG` (pytest put
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,3 +67,31 @@ def spawn_ranks(fn: Any, args: tuple, world: int, what: str, limit_s: float = 60
             for p in procs.processes:
                 p.terminate()
             pytest.fail(f"{what} did not finish within {limit_s:.0f} s")
+
+
+def interrupt_after_shards(cmd: list[str], out: Path, shards: int, how: str) -> subprocess.CompletedProcess:
+    """Start ``cmd`` (a haodiff-data run writing to ``out``) in a process group of its own, stop it
+    once ``shards`` shards are committed, the way a user would (``ctrl-c``: SIGINT to the whole
+    group, as a terminal sends it) or the OOM killer would (``kill``: SIGKILL to the main process),
+    and check that no process of the group outlives the run."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("*.tar"))) < shards and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be stopped; make it longer"
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while True:  # workers, a segmentation process, the fork server: all of them end
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if how == "kill" and time.monotonic() > deadline - 15:
+            os.killpg(proc.pid, signal.SIGKILL)  # orphans of a SIGKILLed parent are not this test's subject
+        assert time.monotonic() < deadline, f"processes of the interrupted run are still alive: {stderr[-2000:]}"
+        time.sleep(0.1)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -356,6 +356,29 @@ def test_output_bytes_do_not_depend_on_workers_or_seg_batch(tmp_path, tiny_torch
     assert runs["2"]["process"] == "service" and runs["2"]["images"] == 8 and 2 <= runs["2"]["forwards"] <= 5
 
 
+def test_ctrl_c_stops_workers_and_the_segmentation_process_and_resumes(tmp_path, tiny_torchscript):
+    import subprocess
+    import sys
+
+    from conftest import interrupt_after_shards
+    from haodiff_data.intake.sources import ASSETS_DIR
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        (src / f"p{i}.jpg").write_bytes((ASSETS_DIR / "bus.jpg").read_bytes())
+    args = [str(src), "-k", "1", "--no-progress", "--samples-per-shard", "1", "--segmenter", "sapiens",
+            "--checkpoint", tiny_torchscript, "--workers", "2", "--seg-batch", "2"]
+    synth = [sys.executable, "-m", "haodiff_data.cli", "synth", "--out"]
+    stopped = interrupt_after_shards([*synth, str(tmp_path / "stopped"), *args], tmp_path / "stopped", 2, "ctrl-c")
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    assert "haodiff-data synth: interrupted: the shards committed in" in stopped.stderr
+    assert subprocess.run([*synth, str(tmp_path / "stopped"), *args, "--resume"], capture_output=True).returncode == 0
+    assert subprocess.run([*synth, str(tmp_path / "clean"), *args], capture_output=True).returncode == 0
+    assert [p.read_bytes() for p in sorted((tmp_path / "stopped").glob("*.tar"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "clean").glob("*.tar"))]
+
+
 def test_seg_batch_is_refused_without_sapiens(tmp_path, capsys):
     from haodiff_data.cli import main
 

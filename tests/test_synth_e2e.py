@@ -1,12 +1,9 @@
 """The CLI end to end on the bundled photos: real MediaPipe, real degradations, real shards."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 from collections import Counter
@@ -19,6 +16,8 @@ import webdataset as wds
 from haodiff_data.cli import main
 from haodiff_data.intake.sources import ASSETS_DIR
 from haodiff_data.shards.schema import decode_sample
+
+from conftest import interrupt_after_shards
 
 BASE = ["--no-progress", "--samples-per-shard", "2"]
 
@@ -214,27 +213,40 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path):
     assert summary["samples_written"] == 1 and summary["samples_rejected"] == 4
 
 
-def test_kill_then_resume_gives_the_uninterrupted_shards(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(12):  # one sample per source and per shard: a kill lands between shards
+@pytest.fixture(scope="module")
+def twelve_sources(tmp_path_factory) -> tuple[list[str], Path]:
+    """Twelve one-sample sources, one shard each, so a stop lands between shards; and their run."""
+    src = tmp_path_factory.mktemp("twelve")
+    for i in range(12):
         (src / f"p{i}.jpg").write_bytes((ASSETS_DIR / "bus.jpg").read_bytes())
-    args = [str(src), "-k", "1", "--workers", "1", "--seed", "3", "--no-progress", "--samples-per-shard", "1"]
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    cmd = [sys.executable, "-m", "haodiff_data.cli", "synth", "--out"]
-    proc = subprocess.Popen([*cmd, str(killed), *args], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list(killed.glob("*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 3 <= len(list(killed.glob("*.tar"))) < 12
-    assert subprocess.run([*cmd, str(killed), *args, "--resume"], stderr=subprocess.DEVNULL).returncode == 0
-    assert subprocess.run([*cmd, str(clean), *args], stderr=subprocess.DEVNULL).returncode == 0
+    args = [str(src), "-k", "1", "--seed", "3", "--no-progress", "--samples-per-shard", "1"]
+    clean = tmp_path_factory.mktemp("clean")
+    assert synth_cmd(clean, *args, "--workers", "1").returncode == 0
+    return args, clean
+
+
+def synth_cmd(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "haodiff_data.cli", "synth", "--out", str(out), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("how,workers", [("kill", "1"), ("ctrl-c", "2")])
+def test_a_stopped_run_resumes_to_the_uninterrupted_shards(twelve_sources, tmp_path, how, workers):
+    args, clean = twelve_sources
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "haodiff_data.cli", "synth", "--out", str(out), *args, "--workers", workers]
+    stopped = interrupt_after_shards(cmd, out, 3, how)
+    if how == "ctrl-c":
+        # One line saying what to do, no traceback from the main process or any worker.
+        assert stopped.returncode == 130
+        assert f"haodiff-data synth: interrupted: the shards committed in {out} are kept, rerun with --resume" \
+            in stopped.stderr
+        assert "Traceback" not in stopped.stderr
+    assert 3 <= len(list(out.glob("*.tar"))) < 12
+    assert synth_cmd(out, *args, "--workers", workers, "--resume").returncode == 0
     assert len(shard_bytes(clean)) == 12
-    assert shard_bytes(killed) == shard_bytes(clean)
-    assert not list(killed.glob(".*.tmp"))
+    assert shard_bytes(out) == shard_bytes(clean)
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_no_person_is_noted_or_rejected_under_require_person(tmp_path):
