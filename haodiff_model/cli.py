@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from haodiff_data.config import ConfigError
-from haodiff_model.log import EXIT_USAGE, setup_logging
+from haodiff_model.log import EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, FileExistsError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted: rerun with --resume to continue from the last checkpoint saved in the run folder")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

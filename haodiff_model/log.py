@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from haodiff_data.cli import EXIT_OK, EXIT_REJECTS, EXIT_USAGE  # one owner of the exit codes for both CLIs
+from haodiff_data.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, EXIT_USAGE  # one owner of the exit codes for both CLIs
 
 LOGGER_NAME = "haodiff_model"
 
@@ -68,4 +68,4 @@ def setup_logging(prog: str, rank: int | None = None) -> logging.Logger:
     return logger
 
 
-__all__ = ["EXIT_OK", "EXIT_REJECTS", "EXIT_USAGE", "LOGGER_NAME", "launcher_rank", "setup_logging"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REJECTS", "EXIT_USAGE", "LOGGER_NAME", "launcher_rank", "setup_logging"]

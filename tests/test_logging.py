@@ -56,3 +56,28 @@ def test_errors_show_on_every_rank_with_haodiff_datas_exit_code(monkeypatch, cap
     captured = capsys.readouterr()
     assert code == EXIT_USAGE and captured.out == ""
     assert captured.err.startswith("haodiff-restore convert rank 1: error: ") and "missing.pth" in captured.err
+
+
+@pytest.mark.parametrize("module,argv,prog,hint", [
+    ("haodiff_model.train.dpg", ["dpg", "--config", "c.yaml"], "haodiff-train dpg", "rerun with --resume"),
+    ("haodiff_model.restore.cli", ["a.png", "--out", "o", "--base", "b", "--weights", "w"], "haodiff-restore",
+     "the same command continues"),
+])
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys, module, argv, prog, hint):
+    import importlib
+
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "0")
+    if prog == "haodiff-train dpg":
+        from haodiff_model.cli import main
+
+        monkeypatch.setattr(importlib.import_module(module), "main_dpg", interrupted)
+    else:
+        from haodiff_model.restore.cli import main
+
+        monkeypatch.setattr(importlib.import_module(module), "cmd_restore", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: interrupted: ") and hint in err and err.count("\n") == 1

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from haodiff_model.log import EXIT_OK, EXIT_REJECTS, EXIT_USAGE, setup_logging
+from haodiff_model.log import EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, EXIT_USAGE, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ConfigError, SettingsError, CheckpointMismatchError, LoraFileError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted: the images written so far are kept; the same command continues (it skips them)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
