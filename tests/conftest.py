@@ -74,7 +74,14 @@ def interrupt_after_shards(cmd: list[str], out: Path, shards: int, how: str) -> 
     once ``shards`` shards are committed, the way a user would (``ctrl-c``: SIGINT to the whole
     group, as a terminal sends it) or the OOM killer would (``kill``: SIGKILL to the main process),
     and check that no process of the group outlives the run."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def default_sigint() -> None:
+        # A job started in the background by a non-interactive shell (nohup ... &, some CI runners)
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: give the run the
+        # default a terminal user has.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     while len(list(out.glob("*.tar"))) < shards and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
