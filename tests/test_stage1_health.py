@@ -222,3 +222,43 @@ def test_mask_probe_finds_visible_hmb_and_nothing_else(tmp_path: Path, visible: 
         assert m["probe_auroc_heldout"] > 0.85
     else:
         assert 0.3 < m["probe_auroc_heldout"] < 0.7
+
+
+class _BoxAt(torch.nn.Module):
+    """A stand-in DPG that returns its input as HQ, no residual, and p = `p_box` on a known box."""
+
+    def __init__(self, box: tuple[slice, slice], p_box: float):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.box, self.logit = box, math.log(p_box / (1 - p_box))
+
+    def forward(self, lq: torch.Tensor) -> list[torch.Tensor]:
+        logits = torch.full_like(lq[:, :1], -10.0)
+        logits[..., self.box[0], self.box[1]] = self.logit
+        return [lq, torch.zeros_like(lq), logits]
+
+
+def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -> None:
+    """A head that ranks the HMB box perfectly but under-confidently (p 0.3): IoU 0 at p > 0.5, best
+    IoU 1 at a lower threshold; the all-ones and person baselines are the box's share of the image."""
+    from haodiff_model.bench.learn import evaluate
+
+    rng = np.random.default_rng(0)
+    box = (slice(16, 48), slice(8, 40))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[box] = 255
+    parts = np.zeros((64, 64), np.uint8)
+    parts[:, :48] = 1
+    (tmp_path / "held").mkdir()
+    with wds.TarWriter(str(tmp_path / "held" / "h-r000-000000.tar"), encoder=False, mtime=0) as tar:
+        for i, m in enumerate((mask, mask, np.zeros_like(mask))):
+            img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            tar.write(encode_sample(f"h{i:03d}", img, img, m, parts, {}))
+    metrics, grid = evaluate(_BoxAt(box, 0.3), tmp_path / "held")
+    assert (metrics["samples_hmb"], metrics["samples_empty"]) == (2, 1)
+    assert metrics["iou"] == 0.0 and metrics["pos_rate_hmb"] == 0.0 and metrics["pos_rate_empty"] == 0.0
+    assert metrics["iou_best"] == 1.0 and metrics["iou_best_threshold"] == pytest.approx(0.05)
+    assert metrics["iou_ones"] == pytest.approx(32 * 32 / 64 ** 2)
+    assert metrics["iou_person"] == pytest.approx(32 * 32 / (64 * 48))
+    assert metrics["auroc_in_person"] == 1.0
+    assert grid.ndim == 3 and grid.shape[2] == 3
