@@ -3,6 +3,7 @@ on the bundled photos (outputs, determinism, skip/overwrite, rejects), the tilin
 untiled path, the colour fixes, the uint8 conversion and the settings stored beside the weights."""
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from haodiff_model.restore.settings import (  # noqa: E402
     InferenceSettings, SettingsError, read_settings, write_settings,
 )
 from haodiff_model.restore.tiling import (  # noqa: E402
-    LatentTiling, decode_latent, encode_moments, gaussian_tile_weights, tile_starts,
+    LatentTiling, _cut, _resnet, decode_latent, encode_moments, gaussian_tile_weights, plan_tiles, tile_starts,
 )
 
 ASSETS = Path(__file__).resolve().parent.parent / "haodiff_data" / "assets"
@@ -193,6 +194,25 @@ def test_tiled_vae_is_exact_with_a_margin_as_wide_as_the_receptive_field(vae):
     img = decode_latent(vae, z)
     tiled = decode_latent(vae, z, tile=8, pad=16, force_tiles=True)
     assert ((tiled - img).abs().max() / img.std()).item() < 1e-3
+
+
+@torch.no_grad()
+def test_tiled_vae_layers_release_their_input_tiles(vae):
+    """Memory bounds the image size (a 4096 px decoder layer is 4-8 GiB): a ResNet block and an
+    upsampler free each input tile as they go (no tile outlives the call) and, with a margin that
+    covers the block's two 3x3 convolutions, give the untiled block's result."""
+    block, up = vae.decoder.up_blocks[0].resnets[0], vae.decoder.up_blocks[0].upsamplers[0]
+    x = torch.randn(1, block.in_channels, 16, 20, generator=torch.Generator().manual_seed(4))
+    tiles = plan_tiles(16, 20, 8, 2, 1)
+    cut = _cut(x, tiles).map(torch.clone)
+    inputs = [weakref.ref(t) for t in cut.tensors]
+    out = _resnet(block, cut)
+    assert len(tiles) == 4 and all(ref() is None for ref in inputs)
+    torch.testing.assert_close(out.stitch(tiles, 1, (16, 20)), block(x, None), rtol=1e-5, atol=1e-5)
+    middle = [weakref.ref(t) for t in out.tensors]
+    upsampled = out.map(up, consume=True).rescale(2)
+    assert all(ref() is None for ref in middle)
+    assert upsampled.stitch(tiles, 2, (32, 40)).shape == (1, up.channels, 32, 40)
 
 
 @torch.no_grad()

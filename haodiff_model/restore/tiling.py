@@ -25,6 +25,7 @@ tile + 2 x margin (1088 px / 246 latents), as in the official code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,20 +138,34 @@ def needs_tiling(h: int, w: int, tile: int, pad: int) -> bool:
 
 
 class _TileSet:
-    """The activations of every tile at one layer, and where each tile's core lies inside it."""
+    """The activations of every tile at one layer, and where each tile's core lies inside it.
+
+    Memory is what limits the image size (a 4096 px decoder layer holds 4-8 GiB in bf16), so the
+    transforms run a chain of layers tile by tile (one tile's intermediates live at a time, not a
+    whole layer's) and, with `consume`, release each input tile as its output is made."""
 
     def __init__(self, tensors: list[torch.Tensor], cores: list[tuple[int, int, int, int]]):
         self.tensors, self.cores = tensors, cores
 
-    def map(self, fn) -> _TileSet:
-        return _TileSet([fn(t) for t in self.tensors], self.cores)
+    def map(self, *fns: Callable[[torch.Tensor], torch.Tensor], consume: bool = False) -> _TileSet:
+        """`fns` applied in turn to each tile. With `consume` this set is emptied as it goes: the
+        caller must not use it again."""
+        out = []
+        for i, t in enumerate(self.tensors):
+            if consume:
+                self.tensors[i] = None
+            for fn in fns:
+                t = fn(t)
+            out.append(t)
+        return _TileSet(out, self.cores)
 
     def rescale(self, factor: float) -> _TileSet:
         """Cores after a resolution change by `factor` (0.5 for a downsampler, 2 for an upsampler)."""
         return _TileSet(self.tensors, [tuple(int(v * factor) for v in c) for c in self.cores])
 
-    def group_norm(self, norm: nn.GroupNorm) -> _TileSet:
-        """GroupNorm with per-image statistics over all tile cores, applied to every tile."""
+    def group_norm(self, norm: nn.GroupNorm, *then: Callable[[torch.Tensor], torch.Tensor],
+                   consume: bool = False) -> _TileSet:
+        """GroupNorm with per-image statistics over all tile cores, then `then`, tile by tile."""
         groups = norm.num_groups
         count = None
         mean = m2 = None
@@ -174,7 +189,12 @@ class _TileSet:
         mean_c = mean.float().repeat_interleave(per_channel, dim=1)
         scale = rstd_c * (norm.weight.float() if norm.affine else 1.0)
         shift = (norm.bias.float() if norm.affine else 0.0) - mean_c * scale
-        return self.map(lambda t: (t.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(t.dtype))
+        scale, shift = scale[:, :, None, None], shift[:, :, None, None]
+
+        def normalize(t: torch.Tensor) -> torch.Tensor:  # in place on one fp32 copy: a tile's only temporary
+            return t.to(torch.float32, copy=True).mul_(scale).add_(shift).to(t.dtype)
+
+        return self.map(normalize, *then, consume=consume)
 
     def stitch(self, tiles: list[Tile], factor: float, shape: tuple[int, int]) -> torch.Tensor:
         """The cores placed into one (B, C, H, W) tensor; `factor` maps tile-plan units to output units."""
@@ -187,13 +207,17 @@ class _TileSet:
 
 
 def _resnet(block: nn.Module, x: _TileSet) -> _TileSet:
-    """diffusers ResnetBlock2D without time embedding (the VAE's), GroupNorms shared across tiles."""
+    """diffusers ResnetBlock2D without time embedding (the VAE's), GroupNorms shared across tiles.
+    Consumes x; at most x and one other activation of the block live in full."""
     if getattr(block, "upsample", None) is not None or getattr(block, "downsample", None) is not None:
         raise ValueError("tiled VAE: ResNet blocks with built-in resampling are not supported")
-    h = x.group_norm(block.norm1).map(block.nonlinearity).map(block.conv1)
-    h = h.group_norm(block.norm2).map(block.nonlinearity).map(block.dropout).map(block.conv2)
-    shortcut = x.map(block.conv_shortcut) if block.conv_shortcut is not None else x
-    return _TileSet([(s + t) / block.output_scale_factor for s, t in zip(shortcut.tensors, h.tensors)], x.cores)
+    h = x.group_norm(block.norm1, block.nonlinearity, block.conv1)
+    h = h.group_norm(block.norm2, block.nonlinearity, block.dropout, block.conv2, consume=True)
+    for i, t in enumerate(h.tensors):
+        s, x.tensors[i] = x.tensors[i], None
+        s = block.conv_shortcut(s) if block.conv_shortcut is not None else s
+        h.tensors[i] = t.add_(s).div_(block.output_scale_factor)
+    return h
 
 
 def _attention(attn: nn.Module, x: _TileSet) -> _TileSet:
@@ -254,9 +278,9 @@ def tiled_encode(vae: nn.Module, image: torch.Tensor, tile: int = ENCODER_TILE, 
         for resnet in block.resnets:
             x = _resnet(resnet, x)
         for down in block.downsamplers or []:
-            x = x.map(down).rescale(0.5)
+            x = x.map(down, consume=True).rescale(0.5)
     x = _mid_block(enc.mid_block, x)
-    x = x.group_norm(enc.conv_norm_out).map(enc.conv_act).map(enc.conv_out)
+    x = x.group_norm(enc.conv_norm_out, enc.conv_act, enc.conv_out, consume=True)
     moments = x.stitch(tiles, 1 / VAE_FACTOR, (h // VAE_FACTOR, w // VAE_FACTOR))
     return vae.quant_conv(moments) if getattr(vae, "quant_conv", None) is not None else moments
 
@@ -275,8 +299,8 @@ def tiled_decode(vae: nn.Module, latent: torch.Tensor, tile: int = DECODER_TILE,
         for resnet in block.resnets:
             x = _resnet(resnet, x)
         for up in block.upsamplers or []:
-            x = x.map(up).rescale(2)
-    x = x.group_norm(dec.conv_norm_out).map(dec.conv_act).map(dec.conv_out)
+            x = x.map(up, consume=True).rescale(2)
+    x = x.group_norm(dec.conv_norm_out, dec.conv_act, dec.conv_out, consume=True)
     return x.stitch(tiles, VAE_FACTOR, (h * VAE_FACTOR, w * VAE_FACTOR))
 
 
