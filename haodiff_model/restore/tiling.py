@@ -36,6 +36,9 @@ LATENT_TILE, LATENT_OVERLAP = 64, 5
 ENCODER_TILE, ENCODER_PAD = 1024, 32  # pixels
 DECODER_TILE, DECODER_PAD = 224, 11  # latents
 VAE_FACTOR = 8
+# GroupNorm runs in fp32 on this many channels of a tile at a time: a whole 4096 px tile in fp32 would
+# be the largest temporary of the tiled VAE (about 2 GiB in the decoder's last blocks).
+NORM_CHUNK_CHANNELS = 32
 
 
 # ----------------------------------------------------------------------------- latent tiles (UNet)
@@ -167,13 +170,16 @@ class _TileSet:
                    consume: bool = False) -> _TileSet:
         """GroupNorm with per-image statistics over all tile cores, then `then`, tile by tile."""
         groups = norm.num_groups
+        per_group = norm.num_channels // groups
+        chunk = per_group * max(1, NORM_CHUNK_CHANNELS // per_group)  # whole groups
         count = None
         mean = m2 = None
         for t, (y0, y1, x0, x1) in zip(self.tensors, self.cores):
-            core = t[:, :, y0:y1, x0:x1].float().reshape(t.shape[0], groups, -1)
-            n = core.shape[-1]
-            var_t, mean_t = torch.var_mean(core, dim=-1, correction=0)
-            mean_t, m2_t = mean_t.double(), var_t.double() * n
+            core, n = t[:, :, y0:y1, x0:x1], per_group * (y1 - y0) * (x1 - x0)
+            moments = [torch.var_mean(core[:, c:c + chunk].float().reshape(t.shape[0], -1, n), dim=-1, correction=0)
+                       for c in range(0, t.shape[1], chunk)]
+            var_t, mean_t = (torch.cat(m, dim=1).double() for m in zip(*moments))
+            m2_t = var_t * n
             if count is None:
                 count, mean, m2 = n, mean_t, m2_t
                 continue
@@ -184,15 +190,18 @@ class _TileSet:
             count = total
         var = m2 / count
         rstd = torch.rsqrt(var + norm.eps).float()
-        per_channel = norm.num_channels // groups
-        rstd_c = rstd.repeat_interleave(per_channel, dim=1)  # (B, C)
-        mean_c = mean.float().repeat_interleave(per_channel, dim=1)
+        rstd_c = rstd.repeat_interleave(per_group, dim=1)  # (B, C)
+        mean_c = mean.float().repeat_interleave(per_group, dim=1)
         scale = rstd_c * (norm.weight.float() if norm.affine else 1.0)
         shift = (norm.bias.float() if norm.affine else 0.0) - mean_c * scale
         scale, shift = scale[:, :, None, None], shift[:, :, None, None]
 
-        def normalize(t: torch.Tensor) -> torch.Tensor:  # in place on one fp32 copy: a tile's only temporary
-            return t.to(torch.float32, copy=True).mul_(scale).add_(shift).to(t.dtype)
+        def normalize(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(t)
+            for c in range(0, t.shape[1], chunk):
+                part = slice(c, c + chunk)
+                out[:, part] = t[:, part].to(torch.float32, copy=True).mul_(scale[:, part]).add_(shift[:, part])
+            return out
 
         return self.map(normalize, *then, consume=consume)
 
