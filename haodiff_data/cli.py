@@ -3,19 +3,53 @@
 Exit codes: 0 success; 1 a check failed (replay mismatch); 2 bad arguments or a run that cannot
 start; 3 the run finished but some inputs were rejected (see rejects-r*.jsonl); 4 writing the
 output failed (disk full, ...): nothing partial is left, and --resume continues; 130 interrupted
-(Ctrl-C): the shards committed so far are kept, and --resume continues.
+(Ctrl-C) or 143 terminated (SIGTERM: `kill`, a scheduler's stop): the shards committed so far are
+kept, and --resume continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REJECTS, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a batch scheduler's stop or pre-emption
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised as an exception where the run is, so it stops as Ctrl-C stops it (committed
+    work kept, temporary files removed, one line, no traceback) instead of dying mid-write."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within: SIGTERM raises `Terminated`; the previous handler is back afterwards (commands also run
+    in-process, from tests and notebooks). Only the main thread may set handlers: elsewhere, no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_reason(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """(what stopped the run, exit code) for a Ctrl-C or a SIGTERM."""
+    return ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
 
 
 def _int_at_least(low: int):
@@ -479,18 +513,20 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with sigterm_as_ctrl_c():
+            return COMMANDS[args.command](args)
     except (RecipeError, RunError, FileNotFoundError, SchemaError, SampleNotFoundError) as exc:
         print(f"haodiff-data {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OutputWriteError as exc:
         print(f"haodiff-data {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what, code = stop_reason(exc)
         resumable = args.command in ("synth", "degrade")
         hint = f": the shards committed in {args.out} are kept, rerun with --resume to continue" if resumable else ""
-        print(f"haodiff-data {args.command}: interrupted{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"haodiff-data {args.command}: {what}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

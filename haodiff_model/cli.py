@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from haodiff_data.config import ConfigError
-from haodiff_model.log import EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
+from haodiff_model.log import EXIT_USAGE, setup_logging, sigterm_as_ctrl_c, stop_reason
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -47,19 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     from haodiff_model.io.official import CheckpointMismatchError
 
     try:
-        if args.stage == "dpg":
-            from haodiff_model.train.dpg import main_dpg
+        with sigterm_as_ctrl_c():
+            if args.stage == "dpg":
+                from haodiff_model.train.dpg import main_dpg
 
-            return main_dpg(args)
-        from haodiff_model.train.osd import main_osd
+                return main_dpg(args)
+            from haodiff_model.train.osd import main_osd
 
-        return main_osd(args)
+            return main_osd(args)
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, FileExistsError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        log.error("interrupted: rerun with --resume to continue from the last checkpoint saved in the run folder")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        what, code = stop_reason(exc)
+        log.error("%s: rerun with --resume to continue from the last checkpoint saved in the run folder", what)
+        return code
 
 
 if __name__ == "__main__":

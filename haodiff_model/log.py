@@ -15,7 +15,9 @@ import logging
 import os
 import sys
 
-from haodiff_data.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, EXIT_USAGE  # one owner of the exit codes for both CLIs
+# one owner of the exit codes, and of how Ctrl-C and SIGTERM stop a run, for both CLIs
+from haodiff_data.cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, EXIT_TERMINATED, EXIT_USAGE, sigterm_as_ctrl_c,
+                              stop_reason)
 
 LOGGER_NAME = "haodiff_model"
 
@@ -68,4 +70,5 @@ def setup_logging(prog: str, rank: int | None = None) -> logging.Logger:
     return logger
 
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REJECTS", "EXIT_USAGE", "LOGGER_NAME", "launcher_rank", "setup_logging"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REJECTS", "EXIT_TERMINATED", "EXIT_USAGE", "LOGGER_NAME", "launcher_rank",
+           "setup_logging", "sigterm_as_ctrl_c", "stop_reason"]

@@ -72,8 +72,9 @@ def spawn_ranks(fn: Any, args: tuple, world: int, what: str, limit_s: float = 60
 def interrupt_after_shards(cmd: list[str], out: Path, shards: int, how: str) -> subprocess.CompletedProcess:
     """Start ``cmd`` (a haodiff-data run writing to ``out``) in a process group of its own, stop it
     once ``shards`` shards are committed, the way a user would (``ctrl-c``: SIGINT to the whole
-    group, as a terminal sends it) or the OOM killer would (``kill``: SIGKILL to the main process),
-    and check that no process of the group outlives the run."""
+    group, as a terminal sends it), `kill PID` or a batch scheduler would (``term``: SIGTERM to the
+    main process) or the OOM killer would (``kill``: SIGKILL to the main process), and check that
+    no process of the group outlives the run."""
     def default_sigint() -> None:
         # A job started in the background by a non-interactive shell (nohup ... &, some CI runners)
         # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: give the run the
@@ -89,7 +90,7 @@ def interrupt_after_shards(cmd: list[str], out: Path, shards: int, how: str) -> 
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
     else:
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGTERM if how == "term" else signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=60)
     deadline = time.monotonic() + 20
     while True:  # workers, a segmentation process, the fork server: all of them end

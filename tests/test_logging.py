@@ -2,10 +2,14 @@
 and errors (tagged with their rank), in haodiff-data's `<prog>: error: ...` style and exit codes."""
 
 import logging
+import os
+import signal
+import time
 
 import pytest
 
-from haodiff_model.log import EXIT_USAGE, LOGGER_NAME, setup_logging
+from haodiff_data.cli import Terminated
+from haodiff_model.log import EXIT_USAGE, LOGGER_NAME, setup_logging, sigterm_as_ctrl_c
 
 
 @pytest.fixture(autouse=True)
@@ -58,16 +62,19 @@ def test_errors_show_on_every_rank_with_haodiff_datas_exit_code(monkeypatch, cap
     assert captured.err.startswith("haodiff-restore convert rank 1: error: ") and "missing.pth" in captured.err
 
 
+@pytest.mark.parametrize("stop,code,what", [(KeyboardInterrupt, 130, "interrupted"),
+                                             (Terminated, 143, "terminated (SIGTERM)")])
 @pytest.mark.parametrize("module,argv,prog,hint", [
     ("haodiff_model.train.dpg", ["dpg", "--config", "c.yaml"], "haodiff-train dpg", "rerun with --resume"),
     ("haodiff_model.restore.cli", ["a.png", "--out", "o", "--base", "b", "--weights", "w"], "haodiff-restore",
      "the same command continues"),
 ])
-def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys, module, argv, prog, hint):
+def test_ctrl_c_and_sigterm_are_one_line_and_an_exit_code(monkeypatch, capsys, module, argv, prog, hint, stop, code,
+                                                          what):
     import importlib
 
     def interrupted(*_args):
-        raise KeyboardInterrupt
+        raise stop
 
     monkeypatch.setenv("RANK", "0")
     if prog == "haodiff-train dpg":
@@ -78,6 +85,15 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys, module, argv,
         from haodiff_model.restore.cli import main
 
         monkeypatch.setattr(importlib.import_module(module), "cmd_restore", interrupted)
-    assert main(argv) == 130
+    assert main(argv) == code
     err = capsys.readouterr().err
-    assert err.startswith(f"{prog}: error: interrupted: ") and hint in err and err.count("\n") == 1
+    assert err.startswith(f"{prog}: error: {what}: ") and hint in err and err.count("\n") == 1
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_and_only_while_it_runs():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_as_ctrl_c():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    assert isinstance(Terminated(), KeyboardInterrupt)  # so every Ctrl-C path (cleanup, resume hint) applies
+    assert signal.getsignal(signal.SIGTERM) is before

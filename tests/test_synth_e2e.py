@@ -230,16 +230,17 @@ def synth_cmd(out: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("how,workers", [("kill", "1"), ("ctrl-c", "2")])
+@pytest.mark.parametrize("how,workers", [("kill", "1"), ("ctrl-c", "2"), ("term", "2")])
 def test_a_stopped_run_resumes_to_the_uninterrupted_shards(twelve_sources, tmp_path, how, workers):
     args, clean = twelve_sources
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "haodiff_data.cli", "synth", "--out", str(out), *args, "--workers", workers]
     stopped = interrupt_after_shards(cmd, out, 3, how)
-    if how == "ctrl-c":
+    if how != "kill":
         # One line saying what to do, no traceback from the main process or any worker.
-        assert stopped.returncode == 130
-        assert f"haodiff-data synth: interrupted: the shards committed in {out} are kept, rerun with --resume" \
+        code, what = (130, "interrupted") if how == "ctrl-c" else (143, "terminated (SIGTERM)")
+        assert stopped.returncode == code
+        assert f"haodiff-data synth: {what}: the shards committed in {out} are kept, rerun with --resume" \
             in stopped.stderr
         assert "Traceback" not in stopped.stderr
     assert 3 <= len(list(out.glob("*.tar"))) < 12

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from haodiff_model.log import EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, EXIT_USAGE, setup_logging
+from haodiff_model.log import EXIT_OK, EXIT_REJECTS, EXIT_USAGE, setup_logging, sigterm_as_ctrl_c, stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     from haodiff_model.restore.settings import SettingsError
 
     try:
-        if args.bench:
-            from haodiff_model.bench.restore import main_bench
+        with sigterm_as_ctrl_c():
+            if args.bench:
+                from haodiff_model.bench.restore import main_bench
 
-            return main_bench(args, _device(args.device))
-        return cmd_restore(args)
+                return main_bench(args, _device(args.device))
+            return cmd_restore(args)
     except (FileNotFoundError, ValueError, ConfigError, SettingsError, CheckpointMismatchError, LoraFileError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        log.error("interrupted: the images written so far are kept; the same command continues (it skips them)")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        what, code = stop_reason(exc)
+        log.error("%s: the images written so far are kept; the same command continues (it skips them)", what)
+        return code
 
 
 if __name__ == "__main__":
