@@ -215,13 +215,20 @@ class _TileSet:
         return out
 
 
+def _in_place(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation, in place where it is a SiLU (the VAE's): after a GroupNorm it runs on the
+    tile's fresh normalised copy, so it need not allocate another tile."""
+    return (lambda t: F.silu(t, inplace=True)) if isinstance(act, nn.SiLU) else act
+
+
 def _resnet(block: nn.Module, x: _TileSet) -> _TileSet:
     """diffusers ResnetBlock2D without time embedding (the VAE's), GroupNorms shared across tiles.
     Consumes x; at most x and one other activation of the block live in full."""
     if getattr(block, "upsample", None) is not None or getattr(block, "downsample", None) is not None:
         raise ValueError("tiled VAE: ResNet blocks with built-in resampling are not supported")
-    h = x.group_norm(block.norm1, block.nonlinearity, block.conv1)
-    h = h.group_norm(block.norm2, block.nonlinearity, block.dropout, block.conv2, consume=True)
+    act = _in_place(block.nonlinearity)
+    h = x.group_norm(block.norm1, act, block.conv1)
+    h = h.group_norm(block.norm2, act, block.dropout, block.conv2, consume=True)
     for i, t in enumerate(h.tensors):
         s, x.tensors[i] = x.tensors[i], None
         s = block.conv_shortcut(s) if block.conv_shortcut is not None else s
@@ -289,7 +296,7 @@ def tiled_encode(vae: nn.Module, image: torch.Tensor, tile: int = ENCODER_TILE, 
         for down in block.downsamplers or []:
             x = x.map(down, consume=True).rescale(0.5)
     x = _mid_block(enc.mid_block, x)
-    x = x.group_norm(enc.conv_norm_out, enc.conv_act, enc.conv_out, consume=True)
+    x = x.group_norm(enc.conv_norm_out, _in_place(enc.conv_act), enc.conv_out, consume=True)
     moments = x.stitch(tiles, 1 / VAE_FACTOR, (h // VAE_FACTOR, w // VAE_FACTOR))
     return vae.quant_conv(moments) if getattr(vae, "quant_conv", None) is not None else moments
 
@@ -309,7 +316,7 @@ def tiled_decode(vae: nn.Module, latent: torch.Tensor, tile: int = DECODER_TILE,
             x = _resnet(resnet, x)
         for up in block.upsamplers or []:
             x = x.map(up, consume=True).rescale(2)
-    x = x.group_norm(dec.conv_norm_out, dec.conv_act, dec.conv_out, consume=True)
+    x = x.group_norm(dec.conv_norm_out, _in_place(dec.conv_act), dec.conv_out, consume=True)
     return x.stitch(tiles, VAE_FACTOR, (h * VAE_FACTOR, w * VAE_FACTOR))
 
 
