@@ -109,7 +109,7 @@ def test_config_file_defaults_and_validation(tmp_path: Path) -> None:
     cfg = TrainDPGConfig.from_yaml(shipped)
     assert cfg == TrainDPGConfig()  # the shipped file shows the defaults, which are defined once
     assert cfg.dpg == DPGConfig.from_yaml(ROOT / "pipelines" / "dpg.yaml")  # referenced, not copied
-    assert (cfg.train.lr, cfg.train.max_steps, cfg.data.batch_size, cfg.loss.dice_weight) == (1e-3, 20000, 16, 0.02)
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.data.batch_size, cfg.loss.dice_weight) == (1e-3, 20000, 16, 0.5)
     assert cfg.train.betas == (0.9, 0.999) and cfg.train.scheduler == "cosine"
     assert (cfg.loss.dice_reduction, cfg.loss.bce_weight) == ("batch", 0.1) and cfg.loss != PAPER_LOSS
     assert list(cfg.data.urls) == ["shards/*.tar"] and cfg.val.urls == () and cfg.data.pin_memory is True

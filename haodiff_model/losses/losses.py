@@ -75,7 +75,7 @@ class Stage1Loss:
     Eq. 4-5 as written: Dice per image on the raw logits' sigmoid, no BCE.
     """
 
-    dice_weight: float = 0.02  # alpha of paper Eq. 4
+    dice_weight: float = 0.5  # alpha of paper Eq. 4 (paper: 0.02)
     dice_reduction: Literal["sample", "batch"] = "batch"
     dice_smooth: float = 1.0
     bce_weight: float = 0.1
