@@ -6,8 +6,8 @@ DPG is for on a photo it never saw? (issue #12)
 
 1. Data: an HMB-heavy recipe (the chosen recipe with first_order p_hmb raised, `--p-hmb`) feeds the
    real `haodiff-data synth` on the bundled photos (haodiff-data's three and matplotlib's Grace
-   Hopper) + PHOTOS; one photo (`--holdout`) is
-   synthesized apart and never trains. The shards are cached by recipe, photos, K and seed.
+   Hopper) + PHOTOS; one photo (`--holdout`) is synthesized apart and never trains. The shards are
+   cached by recipe, photos, K and seed.
 2. Training: `pipelines/train_dpg.yaml` (its defaults, or `--paper` for the paper's objective and
    optimiser as written) with a small DPG on random crops, for a fixed number of steps (the budget
    is in steps, so a run is reproducible whatever the machine's load), validation on the held-out
@@ -317,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--data-dir", default="runs/bench_learn/data", help="shard cache (default: runs/bench_learn/data)")
     ap.add_argument("--steps", type=int, default=1200,
-                    help="optimizer updates: the budget (default: 1200, about 15 min on 2 CPU cores)")
+                    help="optimizer updates: the budget (default: 1200; 24-30 min with --threads 1 on a "
+                         "shared 2-core machine)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128,
                     help="training crop side (default: 128; at 96 a crop holds too little of a 20-80 px blur)")
