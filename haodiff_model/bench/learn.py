@@ -317,8 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--data-dir", default="runs/bench_learn/data", help="shard cache (default: runs/bench_learn/data)")
     ap.add_argument("--steps", type=int, default=1200,
-                    help="optimizer updates: the budget (default: 1200; 24-30 min with --threads 1 on a "
-                         "shared 2-core machine)")
+                    help="optimizer updates: the budget (default: 1200; 688 s of training on a quiet "
+                         "2-core machine)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128,
                     help="training crop side (default: 128; at 96 a crop holds too little of a 20-80 px blur)")
