@@ -45,14 +45,14 @@ import yaml
 from scipy.stats import rankdata
 
 from haodiff_data.intake.sources import embedded_sources
-from haodiff_data.recipe import load_recipe
+from haodiff_data.recipe import PIPELINES_DIR, load_recipe
 from haodiff_data.shards.reader import iter_samples
 from haodiff_model.train.distributed import init_distributed
 from haodiff_model.train.dpg import TrainDPGConfig, train
 from haodiff_model.train.state import image_grid, save_png
 
-ROOT = Path(__file__).resolve().parents[2]
-TRAIN_CONFIG = ROOT / "pipelines" / "train_dpg.yaml"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout or site-packages: what the synth subprocess imports
+TRAIN_CONFIG = PIPELINES_DIR / "train_dpg.yaml"  # inside the package, so an installed wheel finds it too
 # A small DPG: the paper's structure (trunk 2 RSTBs, 2 per branch) at 24 channels, 0.2 M weights (paper: 9.7 M).
 SMALL_MODEL = ("dpg.embed_dim=24", "dpg.depths=[2,2,1,1]", "dpg.num_heads=[3,3,3,3]")
 # The paper's stage-1 objective and optimiser (Sec. 4.1) as the trainer shipped them before issue #12.
