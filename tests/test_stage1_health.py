@@ -3,6 +3,7 @@ lets it saturate, the guard says so in the log, and the learnability benchmark's
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def _shards(root: Path) -> Path:
     return root
 
 
-def test_guard_warns_with_the_step_when_the_mask_head_is_forced_to_saturate(tmp_path: Path) -> None:
+def test_guard_warns_with_the_step_when_the_mask_head_is_forced_to_saturate(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
     shards = _shards(tmp_path)
     saturated = DPGNetwork(DPGConfig.from_dict(TINY_MODEL))
     with torch.no_grad():
@@ -106,9 +108,16 @@ def test_guard_warns_with_the_step_when_the_mask_head_is_forced_to_saturate(tmp_
         "output": {"dir": str(tmp_path / "run"), "log_every": 1, "tensorboard": False},
     })
     lines: list[str] = []
-    train(cfg, log=lines.append, ctx=DistContext())
-    assert any(line.startswith("WARNING step 1: mask head saturated") for line in lines), lines
-    assert any(line.startswith("WARNING step 1: mask head predicts all ones") for line in lines), lines
+    logger = logging.getLogger("haodiff_model")
+    logger.addHandler(caplog.handler)  # directly: a CLI test before may have set propagate = False
+    try:
+        train(cfg, log=lines.append, ctx=DistContext())
+    finally:
+        logger.removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("step 1: mask head saturated") for w in warnings), warnings
+    assert any(w.startswith("step 1: mask head predicts all ones") for w in warnings), warnings
+    assert not any("mask head" in line for line in lines), "warnings go to the log's warning level, not the INFO lines"
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert [r["train/warnings"] >= 2 for r in records] == [True, True]
     assert all(r["train/mask_pos_rate"] == 1.0 and r["train/mask_logit_absmax"] > 1e3 for r in records)

@@ -334,7 +334,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
             metrics["train/warnings"] = len(warnings)
             run.log_train(step, metrics, _summary(step, t.max_steps, metrics))
             for warning in warnings:
-                run.say(f"WARNING step {step}: {warning}")
+                run.warn(f"step {step}: {warning}")
         with meter.paused():
             if val_batch is not None and (step % cfg.val.every == 0 or last):
                 run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device), write_outputs)

@@ -266,6 +266,11 @@ class Run:
         if self.ctx.is_main:
             self._log(message)
 
+    def warn(self, message: str) -> None:
+        """A warning (stderr, `<prog>: warning: ...`): said once, by rank 0, as the metrics behind it are all-reduced."""
+        if self.ctx.is_main:
+            logging.getLogger(__name__).warning(message)
+
     def initial_state(self, resume: bool) -> dict[str, Any] | None:
         """The checkpoint to resume from (None: start fresh). Rank 0 finds and reads it and sends it to
         all ranks (no shared disk needed); a folder that cannot be resumed by this run raises."""
