@@ -47,6 +47,7 @@ from scipy.stats import rankdata
 from haodiff_data.intake.sources import embedded_sources
 from haodiff_data.recipe import PIPELINES_DIR, load_recipe
 from haodiff_data.shards.reader import iter_samples
+from haodiff_model.log import setup_logging
 from haodiff_model.train.distributed import init_distributed
 from haodiff_model.train.dpg import TrainDPGConfig, train
 from haodiff_model.train.state import image_grid, save_png
@@ -337,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    setup_logging("bench.learn")  # the trainer's progress lines and guard warnings
     out = Path(args.out or f"runs/bench_learn/{'paper' if args.paper else 'default'}-{args.steps}")
     if not args.data_only and out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: choose another --out")
