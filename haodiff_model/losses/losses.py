@@ -75,7 +75,6 @@ class Stage1Loss:
     Eq. 4-5 as written: Dice per image on the raw logits' sigmoid, no BCE.
     """
 
-    hq_weight: float = 1.0  # weight of L1(HQ) (paper: 1)
     dice_weight: float = 0.5  # alpha of paper Eq. 4 (paper: 0.02)
     dice_reduction: Literal["sample", "batch"] = "batch"
     dice_smooth: float = 1.0
@@ -86,7 +85,6 @@ class Stage1Loss:
 
     def __post_init__(self) -> None:
         checks = {
-            "hq_weight": (self.hq_weight >= 0, ">= 0"),
             "dice_weight": (self.dice_weight >= 0, ">= 0"),
             "dice_reduction": (self.dice_reduction in DICE_REDUCTIONS, f"one of {', '.join(DICE_REDUCTIONS)}"),
             "dice_smooth": (self.dice_smooth >= 0, ">= 0"),
@@ -100,8 +98,8 @@ class Stage1Loss:
             raise ValueError("; ".join(bad))
 
 
-PAPER_LOSS = Stage1Loss(hq_weight=1.0, dice_weight=0.02, dice_reduction="sample", dice_smooth=1.0, bce_weight=0.0,
-                        focal_gamma=0.0, bce_pos_weight=1.0, mask_logit_bound=None)
+PAPER_LOSS = Stage1Loss(dice_weight=0.02, dice_reduction="sample", dice_smooth=1.0, bce_weight=0.0, focal_gamma=0.0,
+                        bce_pos_weight=1.0, mask_logit_bound=None)
 
 
 def stage1_loss(
@@ -113,14 +111,14 @@ def stage1_loss(
     mask: torch.Tensor,
     cfg: Stage1Loss = Stage1Loss(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """hq_weight * L1(HQ) + L1(residual = LQ - HQ) + dice_weight * Dice + bce_weight * (focal) BCE on the mask
+    """L1(HQ) + L1(residual = LQ - HQ) + dice_weight * Dice + bce_weight * (focal) BCE on the mask
     logits (bounded first when cfg says so).
 
     Returns the total and its weighted terms (detached, for logging): total == sum of the parts.
     """
     logits = bounded_logits(mask_logits, cfg.mask_logit_bound)
     parts = {
-        "l1_hq": cfg.hq_weight * F.l1_loss(pred_hq, hq),
+        "l1_hq": F.l1_loss(pred_hq, hq),
         "l1_residual": F.l1_loss(pred_residual, residual),
         "dice": cfg.dice_weight * dice_loss(logits, mask, cfg.dice_smooth, cfg.dice_reduction),
         "bce": cfg.bce_weight * focal_bce_loss(logits, mask, cfg.focal_gamma, cfg.bce_pos_weight) if cfg.bce_weight
