@@ -1,6 +1,5 @@
 """Layers and helpers shared by the networks: a LayerNorm with a compiled CUDA path, the
-torch.compile runner, the cache guard `frozen` and PyTorch's default Linear/Conv init from an
-explicit generator."""
+torch.compile runner and PyTorch's default Linear/Conv init from an explicit generator."""
 
 from __future__ import annotations
 
@@ -74,11 +73,6 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
-def frozen(t: torch.Tensor) -> bool:
-    """True when a value derived from `t` may be cached: no autograd graph has to pass through it."""
-    return not (t.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
-
-
 def init_default_(module: nn.Module, generator: torch.Generator) -> None:
     """PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5), bias U(+-1/sqrt(fan_in)))."""
     nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
@@ -88,4 +82,4 @@ def init_default_(module: nn.Module, generator: torch.Generator) -> None:
         nn.init.uniform_(module.bias, -bound, bound, generator=generator)
 
 
-__all__ = ["LayerNorm", "compiled_kernels", "compiled_kernels_enabled", "frozen", "init_default_", "run_compiled"]
+__all__ = ["LayerNorm", "compiled_kernels", "compiled_kernels_enabled", "init_default_", "run_compiled"]

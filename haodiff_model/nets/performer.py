@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haodiff_model.nets.layers import LayerNorm, compiled_kernels_enabled, frozen, init_default_, run_compiled
+from haodiff_model.nets.layers import LayerNorm, compiled_kernels_enabled, init_default_, run_compiled
 
 FEATURE_EPS = 1e-4
 _ALIGN = 8  # feature and value widths are padded to this for 16-byte aligned bf16 GEMM rows
@@ -75,8 +75,6 @@ class FastAttention(nn.Module):
         self.dim_heads = dim_heads
         self.nb_features = nb_features if nb_features is not None else int(dim_heads * math.log(dim_heads))
         self.register_buffer("projection_matrix", torch.empty(self.nb_features, dim_heads))
-        self._weight_key: tuple | None = None
-        self._weight: torch.Tensor | None = None
 
     @torch.no_grad()
     def redraw_projection_matrix(self, generator: torch.Generator) -> None:
@@ -91,18 +89,12 @@ class FastAttention(nn.Module):
         zeroing the matching rows of k'^T [v, 1] before q' meets it.
         """
         p = self.projection_matrix
-        key = (p._version, p.data_ptr(), p.device, dtype)
-        if key == self._weight_key and not torch.compiler.is_compiling():
-            return self._weight
         m, d = p.shape
         pad = (-m) % _ALIGN
         w = p * d ** -0.25
         if pad:
             w = torch.cat([w, w[:1].expand(pad, d)])
-        w = w.to(dtype).contiguous()
-        if not torch.compiler.is_compiling():
-            self._weight_key, self._weight = key, w
-        return w
+        return w.to(dtype).contiguous()
 
     def forward(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """qk: (2, B, H, N, D) contiguous stack of q and k; v: (B, H, N, D) any strides.
@@ -151,21 +143,13 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim, bias=attn_out_bias)
-        self._qkv_key: tuple | None = None
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q, k and v weights (and biases) concatenated: one GEMM instead of three (rebuilt per call,
+        see the note on caching in swin.WindowAttention)."""
         ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
         bs = (self.to_q.bias, self.to_k.bias, self.to_v.bias)
-        params = [t for t in ws + bs if t is not None]
-        key = tuple((t._version, t.data_ptr(), t.dtype) for t in params)
-        cacheable = all(frozen(t) for t in params)
-        if cacheable and key == self._qkv_key:
-            return self._qkv
-        fused = (torch.cat(ws), None if bs[0] is None else torch.cat(bs))
-        if cacheable:
-            self._qkv_key, self._qkv = key, fused
-        return fused
+        return torch.cat(ws), None if bs[0] is None else torch.cat(bs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
