@@ -14,7 +14,7 @@ import webdataset as wds
 
 from conftest import TINY_STAGE1_DPG
 from haodiff_data.shards.schema import encode_sample
-from haodiff_model.bench.learn import PAPER_SETTINGS, auroc, iou_dice, psnr
+from haodiff_model.bench.learn import PAPER_SETTINGS, auroc, band_psnr, iou_dice, psnr
 from haodiff_model.losses.losses import PAPER_LOSS, Stage1Loss, dice_loss, focal_bce_loss, stage1_loss
 from haodiff_model.io.official import save_dpg
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
@@ -178,6 +178,12 @@ def test_benchmark_metrics_on_known_cases() -> None:
     pred = np.array([[1, 1], [0, 0]], bool)
     true = np.array([[1, 0], [1, 0]], bool)
     assert iou_dice(pred, true) == (pytest.approx(1 / 3), pytest.approx(0.5))
+    ref = np.random.default_rng(0).integers(20, 200, (64, 64, 3)).astype(np.uint8)  # no uint8 wrap below
+    low, high = band_psnr(ref + 20, ref)  # a colour shift is all low band
+    assert low == pytest.approx(psnr(ref + 20, ref)) and high > 100  # identical high bands: only float rounding left
+    noisy = (ref + np.random.default_rng(1).choice([-8, 8], ref.shape)).astype(np.uint8)
+    low, high = band_psnr(noisy, ref)  # white noise is mostly high band
+    assert high == pytest.approx(psnr(noisy, ref), abs=0.2) and low > high + 15
     a = np.zeros((4, 4, 3), np.uint8)
     assert psnr(a + 1, a) == pytest.approx(20 * math.log10(255))
 

@@ -63,6 +63,7 @@ PAPER_SETTINGS = ("loss.dice_weight=0.02", "loss.dice_reduction=sample", "loss.d
 TARGET_AUROC = 0.7
 TARGET_EMPTY_RATE = 0.05  # "predicts little on samples without HMB": at most 5 % of the pixels
 THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)  # for the best-threshold IoU diagnostic
+LOW_BAND_SIGMA = 3.0  # px at 512: the low band holds colour and tone, which the degradations barely change
 GRID_ROWS, GRID_SIDE = 6, 192
 
 
@@ -139,6 +140,16 @@ def psnr(x: np.ndarray, ref: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
+def band_psnr(x: np.ndarray, ref: np.ndarray, sigma: float = LOW_BAND_SIGMA) -> tuple[float, float]:
+    """PSNR of the low band (Gaussian blur, `sigma` px) and of the high band (the rest) of x against
+    ref: tells an error in colour and tone (low) from one in detail and noise (high)."""
+    import cv2
+
+    x, ref = x.astype(np.float64), ref.astype(np.float64)
+    x_low, ref_low = (cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for a in (x, ref))
+    return psnr(x_low, ref_low), psnr(x - x_low, ref - ref_low)
+
+
 def to_u8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> HxWx3 uint8, as the loader's (u8 - 127.5) / 127.5 inverted."""
     return (x.clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -167,7 +178,8 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
     model.eval()
     device = next(model.parameters()).device
     per: dict[str, list[float]] = {k: [] for k in ("psnr_lq", "psnr_hq_head", "psnr_lq_minus_res",
-                                                   "iou", "dice", "iou_ones", "dice_ones", "iou_person",
+                                                   "psnr_lq_low", "psnr_lq_high", "psnr_hq_head_low",
+                                                   "psnr_hq_head_high", "iou", "dice", "iou_ones", "dice_ones", "iou_person",
                                                    "dice_person", "pos_rate_hmb", "pos_rate_empty")}
     scores, labels, sweep, rows = [], [], [], []
     n_hmb = n_empty = 0
@@ -180,6 +192,10 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
         per["psnr_lq"].append(psnr(s.lq, s.hq))
         per["psnr_hq_head"].append(psnr(hq_head, s.hq))
         per["psnr_lq_minus_res"].append(psnr(lq_minus_res, s.hq))
+        for name, image in (("lq", s.lq), ("hq_head", hq_head)):
+            low, high = band_psnr(image, s.hq)
+            per[f"psnr_{name}_low"].append(low)
+            per[f"psnr_{name}_high"].append(high)
         true, person, pred = s.mask >= 128, s.parts > 0, p > 0.5
         if true.any():
             n_hmb += 1
@@ -375,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"AUROC in person {m['auroc_in_person']:.3f} | best IoU {m.get('iou_best', float('nan')):.3f} at "
           f"p > {m.get('iou_best_threshold', float('nan')):.2f}")
     print(f"PSNR: LQ {m['psnr_lq']:.2f} dB, HQ head {m['psnr_hq_head']:.2f} dB, "
-          f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB")
+          f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB; by band (Gaussian sigma {LOW_BAND_SIGMA:g} px), "
+          f"low: LQ {m['psnr_lq_low']:.2f} HQ head {m['psnr_hq_head_low']:.2f} dB, high: LQ {m['psnr_lq_high']:.2f} "
+          f"HQ head {m['psnr_hq_head_high']:.2f} dB")
     if args.probe_steps:
         print(f"mask probe (plain CNN, mask only, {args.probe_steps} steps): AUROC inside the person "
               f"{m['probe_auroc_train']:.3f} on training samples, {m['probe_auroc_heldout']:.3f} held out")
