@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import Counter
 from itertools import islice
@@ -107,6 +108,21 @@ def test_crop_and_flip_move_all_targets_together(shard_dir: Path) -> None:
             assert torch.equal(b["mask"][i, 0], mask_full[window])
             torch.testing.assert_close(b["residual"][i], b["lq"][i] - b["hq"][i], atol=2.5e-7, rtol=0)
     assert 0 < flipped < 16  # probability 1/2 per sample
+
+
+def test_channel_shuffle_puts_hq_and_lq_in_one_order(shard_dir: Path) -> None:
+    loader = make_loader(_cfg([str(shard_dir)], channel_shuffle=True, num_workers=0, epoch_length=8))
+    orders = Counter()
+    for b in loader:
+        for i, key in enumerate(b["key"]):
+            hq_u8, lq_u8, mask = _images(key)
+            hq, lq = (torch.from_numpy(a).permute(2, 0, 1).float().sub(127.5).div(127.5) for a in (hq_u8, lq_u8))
+            found = [o for o in itertools.permutations(range(3)) if torch.equal(hq[list(o)], b["hq"][i])]
+            assert len(found) == 1, key  # random images: exactly one order matches
+            assert torch.equal(b["lq"][i], lq[list(found[0])])
+            assert torch.equal(b["mask"][i, 0], torch.from_numpy(mask == 255).float())
+            orders[found[0]] += 1
+    assert len(orders) >= 4  # 16 samples over 6 orders
 
 
 def test_ranks_and_workers_read_disjoint_slices_of_one_shard_stream(shard_dir: Path) -> None:

@@ -72,6 +72,7 @@ class ShardStreamConfig:
     shuffle_buffer: int = 256  # samples per worker; ~0.8 MB each at 512x512
     crop_size: int | None = None  # random square crop; None keeps full images (all the same size)
     hflip: bool = False  # flip hq, lq, mask (and so the residual) together with probability 0.5
+    channel_shuffle: bool = False  # put hq's and lq's R, G, B in one of the 6 orders, the same for both
     max_failures: int = 100  # failed shard reads or decodes in a row before a worker gives up
     timeout_s: float = 600.0  # DataLoader error if no batch arrives from a worker for this long
     pin_memory: bool = True  # page-locked batches (only with CUDA)
@@ -216,9 +217,9 @@ class _WorkerStream:
             where = f"{sample['__url__']}:{sample['__key__']}"
             try:
                 hq, lq, mask = _decode_images(sample, where)
-                if self.cfg.crop_size is not None or self.cfg.hflip:
+                if self.cfg.crop_size is not None or self.cfg.hflip or self.cfg.channel_shuffle:
                     rng = np.random.default_rng([*self.augment_seed, ordinal])
-                    hq, lq, mask = _augment(hq, lq, mask, self.cfg.crop_size, self.cfg.hflip, rng, where)
+                    hq, lq, mask = _augment(hq, lq, mask, self.cfg, rng, where)
             except SchemaError as exn:
                 self.report.skipped.append(("decode", f"skipped sample {exn}"))
                 self._failed(str(exn))
@@ -253,8 +254,9 @@ def _decode_images(sample: dict[str, Any], where: str) -> tuple[np.ndarray, np.n
     return hq, lq, mask
 
 
-def _augment(hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, crop: int | None, hflip: bool,
+def _augment(hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, cfg: ShardStreamConfig,
              rng: np.random.Generator, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    crop = cfg.crop_size
     if crop is not None:
         h, w = mask.shape
         if h < crop or w < crop:
@@ -262,8 +264,11 @@ def _augment(hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, crop: int | None,
         top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
         window = (slice(top, top + crop), slice(left, left + crop))
         hq, lq, mask = hq[window], lq[window], mask[window]
-    if hflip and rng.random() < 0.5:
+    if cfg.hflip and rng.random() < 0.5:
         hq, lq, mask = hq[:, ::-1], lq[:, ::-1], mask[:, ::-1]
+    if cfg.channel_shuffle:
+        order = rng.permutation(3)
+        hq, lq = hq[..., order], lq[..., order]
     return hq, lq, mask
 
 
