@@ -28,7 +28,7 @@ from haodiff_model.train.distributed import DistContext
 from haodiff_model.train.dpg import (
     TrainDPGConfig, TrainSettings, dpg_forward_loss, dpg_train_step, lr_factor, train,
 )
-from haodiff_model.train.loop import build_train_loader, split_holdout
+from haodiff_model.train.loop import Run, build_train_loader, split_holdout, stream_settings
 from haodiff_model.train.state import CheckpointManager, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +262,19 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards: Path, tmp_
     for name, value in a["models"]["dpg"].items():
         assert torch.equal(value, b["models"]["dpg"][name]), name
     assert a["loader_step"] == b["loader_step"] == 6
+
+
+def test_resume_check_reads_settings_added_since_the_checkpoint_as_their_defaults(tmp_path: Path) -> None:
+    cfg = TrainDPGConfig.from_dict(_config(tmp_path, tmp_path / "run"))
+    lines: list[str] = []
+    run = Run(cfg, DistContext(), "dpg", [], log=lines.append)
+    saved = stream_settings(cfg.data, ["a.tar"])
+    del saved["channel_shuffle"]  # a checkpoint written before the setting existed
+    run.check_data_settings({"data": saved}, ["a.tar"])
+    assert lines == []
+    run.check_data_settings({"data": {**saved, "channel_shuffle": True}}, ["a.tar"])
+    run.check_data_settings({"data": saved}, ["b.tar"])
+    assert len(lines) == 2 and all(line.startswith("data settings differ") for line in lines)
 
 
 def _ddp_child(rank: int, world: int, port: int, cfg_dict: dict, report_dir: str) -> None:

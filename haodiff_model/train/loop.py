@@ -312,7 +312,10 @@ class Run:
         return ""
 
     def check_data_settings(self, state: Mapping[str, Any], train_urls: list[str]) -> None:
-        if state["data"] != stream_settings(self.cfg.data, train_urls):
+        now = stream_settings(self.cfg.data, train_urls)
+        # a setting added after the checkpoint was written was at its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(ShardStreamConfig) if f.name in now}
+        if {**defaults, **state["data"]} != now:
             self.say("data settings differ from the checkpoint's: the data stream restarts at the saved step "
                      "but is not the one the uninterrupted run would have read")
 
