@@ -179,8 +179,8 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
     device = next(model.parameters()).device
     per: dict[str, list[float]] = {k: [] for k in ("psnr_lq", "psnr_hq_head", "psnr_lq_minus_res",
                                                    "psnr_lq_low", "psnr_lq_high", "psnr_hq_head_low",
-                                                   "psnr_hq_head_high", "iou", "dice", "iou_ones", "dice_ones", "iou_person",
-                                                   "dice_person", "pos_rate_hmb", "pos_rate_empty")}
+                                                   "psnr_hq_head_high", "iou", "dice", "iou_ones", "dice_ones",
+                                                   "iou_person", "dice_person", "pos_rate_hmb", "pos_rate_empty")}
     scores, labels, sweep, rows = [], [], [], []
     n_hmb = n_empty = 0
     for s in iter_samples(sorted(heldout.glob("*.tar"))):

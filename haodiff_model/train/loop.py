@@ -267,7 +267,8 @@ class Run:
             self._log(message)
 
     def warn(self, message: str) -> None:
-        """A warning (stderr, `<prog>: warning: ...`): said once, by rank 0, as the metrics behind it are all-reduced."""
+        """A warning (stderr, `<prog>: warning: ...`), said by rank 0 alone: the metrics behind it are
+        all-reduced, so every rank would say the same."""
         if self.ctx.is_main:
             logging.getLogger(__name__).warning(message)
 
