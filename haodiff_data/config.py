@@ -186,11 +186,31 @@ def _copy(data: Any) -> Any:
     return data
 
 
+class _KeyGivenTwice(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _KeyGivenTwice(f"line {key_node.start_mark.line + 1}: key {key!r} given twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Any) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; ConfigError naming the file otherwise."""
+    """The top-level mapping of a YAML file; ConfigError naming the file otherwise (also for a key
+    given twice)."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+    except _KeyGivenTwice as exc:
+        raise ConfigError(f"{path}, {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:

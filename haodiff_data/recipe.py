@@ -311,7 +311,11 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Reci
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = apply_overrides(read_yaml(path), overrides)
+        raw = read_yaml(path)
+    except ConfigError as exc:  # already names the file
+        raise RecipeError(str(exc)) from exc
+    try:
+        data = apply_overrides(raw, overrides)
         data.setdefault("name", path.stem)
         return validate(from_dict(Recipe, data))
     except ConfigError as exc:

@@ -67,8 +67,8 @@ DISTS_CHANNELS = 3 + 64 + 128 + 256 + 512 + 512
 
 def _data(urls: str, batch_size: int) -> dict:
     return {"urls": [urls], "batch_size": batch_size, "num_workers": 0, "seed": 0, "epoch_length": 3,
-            "shuffle_buffer": 4, "crop_size": None, "hflip": False, "max_failures": 100, "timeout_s": 600.0,
-            "pin_memory": False}
+            "shuffle_buffer": 4, "crop_size": None, "hflip": False, "channel_shuffle": False, "max_failures": 100,
+            "timeout_s": 600.0, "pin_memory": False}
 
 
 def _output(out: Path, ckpt_every: int) -> dict:

@@ -117,3 +117,15 @@ def test_a_bad_recipe_stops_synth_before_any_work(tmp_path, capsys):
     assert main(["synth", "--recipe", str(path), "--out", str(out), "--no-progress"]) == 2
     assert "first_order.p_none: expected a probability in [0, 1], got -1.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_key_given_twice_is_refused_with_file_key_and_line(tmp_path):
+    # plain YAML keeps the last value silently: a pasted-twice line would hide the first
+    path = tmp_path / "twice.yaml"
+    path.write_text("hmb:\n  psf_iters: 500\n  psf_iters: 100\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    assert str(exc.value) == f"{path}, line 3: key 'psf_iters' given twice in one mapping"
+    path.write_text("hmb:\n  psf_iters: 500\nhmb:\n  dilate_range: [9, 31]\n")
+    with pytest.raises(RecipeError, match="line 3: key 'hmb' given twice"):
+        load_recipe(path)

@@ -197,6 +197,7 @@ def test_benchmark_config_paper_and_default(tmp_path: Path) -> None:
     paper = run_config(args, tmp_path / "train", tmp_path / "held", tmp_path / "out")
     assert paper.loss == PAPER_LOSS
     assert (paper.train.lr, paper.train.scheduler, paper.train.warmup_steps) == (2e-3, "constant", 0)
+    assert paper.data.channel_shuffle is False
     assert paper.val.urls == (str(tmp_path / "held"),) and paper.data.crop_size == paper.dpg.img_size == 96
     default = run_config(argparse.Namespace(**{**vars(args), "paper": False, "set": ["train.lr=5e-4"]}),
                          tmp_path / "train", tmp_path / "held", tmp_path / "out")

@@ -14,8 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
+from haodiff_data.config import ConfigError, read_yaml
 from haodiff_data.mpii.annotations import MPIIImage, Person
 from haodiff_data.recipe import PIPELINES_DIR, RecipeError, from_dict
 
@@ -44,9 +43,12 @@ def load_config(name_or_path: str | Path = "mpii_test") -> MPIITestConfig:
     if not path.is_file():
         raise RecipeError(f"MPII-Test rules file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
+    except ConfigError as exc:  # already names the file
+        raise RecipeError(str(exc)) from None
+    try:
         cfg = from_dict(MPIITestConfig, data)
-    except (yaml.YAMLError, RecipeError) as exc:
+    except ConfigError as exc:
         raise RecipeError(f"{path}: {exc}") from None
     if cfg.split not in ("train", "test", "all"):
         raise RecipeError(f"{path}: split must be train, test or all, got {cfg.split!r}")

@@ -56,10 +56,12 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout or site-packages: wha
 TRAIN_CONFIG = PIPELINES_DIR / "train_dpg.yaml"  # inside the package, so an installed wheel finds it too
 # A small DPG: the paper's structure (trunk 2 RSTBs, 2 per branch) at 24 channels, 0.2 M weights (paper: 9.7 M).
 SMALL_MODEL = ("dpg.embed_dim=24", "dpg.depths=[2,2,1,1]", "dpg.num_heads=[3,3,3,3]")
-# The paper's stage-1 objective and optimiser (Sec. 4.1) as the trainer shipped them before issue #12.
+# The paper's stage-1 objective, optimiser (Sec. 4.1) and data (no colour augmentation), as the trainer
+# shipped them before issue #12.
 PAPER_SETTINGS = ("loss.dice_weight=0.02", "loss.dice_reduction=sample", "loss.dice_smooth=1.0", "loss.bce_weight=0.0",
                   "loss.focal_gamma=0.0", "loss.bce_pos_weight=1.0", "loss.mask_logit_bound=null", "train.lr=2e-3",
-                  "train.scheduler=constant", "train.warmup_steps=0", "train.eps=1e-8", "train.grad_clip=1.0")
+                  "train.scheduler=constant", "train.warmup_steps=0", "train.eps=1e-8", "train.grad_clip=1.0",
+                  "data.channel_shuffle=false")
 TARGET_AUROC = 0.7
 TARGET_EMPTY_RATE = 0.05  # "predicts little on samples without HMB": at most 5 % of the pixels
 THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)  # for the best-threshold IoU diagnostic

@@ -117,7 +117,8 @@ class TrainDPGConfig(RunConfig):
     dpg: DPGConfig = field(default_factory=DPGConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
     loss: Stage1Loss = field(default_factory=Stage1Loss)
-    data: ShardStreamConfig = field(default_factory=ShardStreamConfig)
+    # channel shuffle on (ours, issue #12): without it the HQ head re-learns the training photos' colours
+    data: ShardStreamConfig = field(default_factory=lambda: ShardStreamConfig(channel_shuffle=True))
     train: TrainSettings = field(default_factory=TrainSettings)
     val: ValSettings = field(default_factory=ValSettings)
     output: OutputSettings = field(default_factory=lambda: OutputSettings(dir="runs/dpg"))
