@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections import Counter
-from itertools import islice
+from itertools import islice, permutations
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +116,7 @@ def test_channel_shuffle_puts_hq_and_lq_in_one_order(shard_dir: Path) -> None:
         for i, key in enumerate(b["key"]):
             hq_u8, lq_u8, mask = _images(key)
             hq, lq = (torch.from_numpy(a).permute(2, 0, 1).float().sub(127.5).div(127.5) for a in (hq_u8, lq_u8))
-            found = [o for o in itertools.permutations(range(3)) if torch.equal(hq[list(o)], b["hq"][i])]
+            found = [o for o in permutations(range(3)) if torch.equal(hq[list(o)], b["hq"][i])]
             assert len(found) == 1, key  # random images: exactly one order matches
             assert torch.equal(b["lq"][i], lq[list(found[0])])
             assert torch.equal(b["mask"][i, 0], torch.from_numpy(mask == 255).float())
