@@ -267,9 +267,9 @@ def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -
     parts[:, :48] = 1
     (tmp_path / "held").mkdir()
     with wds.TarWriter(str(tmp_path / "held" / "h-r000-000000.tar"), encoder=False, mtime=0) as tar:
-        for i, m in enumerate((mask, mask, np.zeros_like(mask))):
+        for i, (m, group) in enumerate(((mask, "head"), (mask, "whole_body"), (np.zeros_like(mask), None))):
             img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            tar.write(encode_sample(f"h{i:03d}", img, img, m, parts, {}))
+            tar.write(encode_sample(f"h{i:03d}", img, img, m, parts, {"hmb": group and {"group": group}}))
     metrics, grid = evaluate(_BoxAt(box, 0.3), tmp_path / "held")
     assert (metrics["samples_hmb"], metrics["samples_empty"]) == (2, 1)
     assert metrics["iou"] == 0.0 and metrics["pos_rate_hmb"] == 0.0 and metrics["pos_rate_empty"] == 0.0
@@ -277,4 +277,7 @@ def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -
     assert metrics["iou_ones"] == pytest.approx(32 * 32 / 64 ** 2)
     assert metrics["iou_person"] == pytest.approx(32 * 32 / (64 * 48))
     assert metrics["auroc_in_person"] == 1.0
+    assert metrics["samples_hmb_part"] == metrics["samples_hmb_whole_body"] == 1
+    assert metrics["iou_part"] == metrics["iou_whole_body"] == 0.0
+    assert metrics["iou_person_part"] == metrics["iou_person_whole_body"] == metrics["iou_person"]
     assert grid.ndim == 3 and grid.shape[2] == 3

@@ -64,6 +64,7 @@ PAPER_SETTINGS = ("loss.dice_weight=0.02", "loss.dice_reduction=sample", "loss.d
                   "data.channel_shuffle=false")
 TARGET_AUROC = 0.7
 TARGET_EMPTY_RATE = 0.05  # "predicts little on samples without HMB": at most 5 % of the pixels
+HMB_KINDS = ("part", "whole_body")  # one body part moves | the whole body does
 THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)  # for the best-threshold IoU diagnostic
 LOW_BAND_SIGMA = 3.0  # px at 512: the low band holds colour and tone, which the degradations barely change
 GRID_ROWS, GRID_SIDE = 6, 192
@@ -183,6 +184,9 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
                                                    "psnr_lq_low", "psnr_lq_high", "psnr_hq_head_low",
                                                    "psnr_hq_head_high", "iou", "dice", "iou_ones", "dice_ones",
                                                    "iou_person", "dice_person", "pos_rate_hmb", "pos_rate_empty")}
+    # The person mask is nearly the answer when the whole body moves and far from it when one limb
+    # does: the IoU split by the moving group tells which case a shortfall comes from.
+    by_kind: dict[str, dict[str, list[float]]] = {kind: {"iou": [], "iou_person": []} for kind in HMB_KINDS}
     scores, labels, sweep, rows = [], [], [], []
     n_hmb = n_empty = 0
     for s in iter_samples(sorted(heldout.glob("*.tar"))):
@@ -201,10 +205,13 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
         true, person, pred = s.mask >= 128, s.parts > 0, p > 0.5
         if true.any():
             n_hmb += 1
+            kind = "whole_body" if (s.meta.get("hmb") or {}).get("group") == "whole_body" else "part"
             for name, guess in (("", pred), ("_ones", np.ones_like(true)), ("_person", person)):
                 iou, dice = iou_dice(guess, true)
                 per[f"iou{name}"].append(iou)
                 per[f"dice{name}"].append(dice)
+                if name != "_ones":
+                    by_kind[kind][f"iou{name}"].append(iou)
             per["pos_rate_hmb"].append(float(pred.mean()))
             sweep.append([iou_dice(p > t, true)[0] for t in THRESHOLDS])
             scores.append(p[person])
@@ -223,6 +230,10 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
         out["iou_best"], out["iou_best_threshold"] = float(mean_iou.max()), float(THRESHOLDS[mean_iou.argmax()])
     out["auroc_in_person"] = auroc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
     out["samples_hmb"], out["samples_empty"] = n_hmb, n_empty
+    for kind, lists in by_kind.items():
+        out[f"samples_hmb_{kind}"] = len(lists["iou"])
+        for name, values in lists.items():
+            out[f"{name}_{kind}"] = float(np.mean(values)) if values else float("nan")
     return out, image_grid(rows)
 
 
@@ -392,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"positive rate HMB {100 * m['pos_rate_hmb']:.1f}% without {100 * m['pos_rate_empty']:.1f}% | "
           f"AUROC in person {m['auroc_in_person']:.3f} | best IoU {m.get('iou_best', float('nan')):.3f} at "
           f"p > {m.get('iou_best_threshold', float('nan')):.2f}")
+    print("mask IoU by what moves: " + ", ".join(
+        f"{kind.replace('_', ' ')} ({m[f'samples_hmb_{kind}']}) {m[f'iou_{kind}']:.3f} vs person {m[f'iou_person_{kind}']:.3f}"
+        for kind in HMB_KINDS))
     print(f"PSNR: LQ {m['psnr_lq']:.2f} dB, HQ head {m['psnr_hq_head']:.2f} dB, "
           f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB; by band (Gaussian sigma {LOW_BAND_SIGMA:g} px), "
           f"low: LQ {m['psnr_lq_low']:.2f} HQ head {m['psnr_hq_head_low']:.2f} dB, high: LQ {m['psnr_lq_high']:.2f} "
