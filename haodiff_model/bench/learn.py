@@ -14,7 +14,8 @@ DPG is for on a photo it never saw? (issue #12)
    shards, through the stage-1 `train()`: the loop, losses and guards a real run uses.
 3. Evaluation on every held-out sample, whole 512x512 images:
    - mask head (p > 0.5) on HMB samples: IoU and Dice against the all-ones, all-zeros and person-mask
-     baselines; its positive rate on samples without HMB; the AUROC of p inside the person; the best
+     baselines, also split by what moves (one part / the whole body, where the person mask is nearly
+     the answer); its positive rate on samples without HMB; the AUROC of p inside the person; the best
      IoU over thresholds (a diagnostic: below the baselines, the ranking is the limit, not the 0.5);
    - PSNR of the HQ head and of LQ - residual head, each against the LQ's own PSNR.
    Output: report.json, heldout.png (HQ | LQ | HQ head | LQ - residual | true mask | p | person),
