@@ -185,9 +185,7 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
                                                    "psnr_lq_low", "psnr_lq_high", "psnr_hq_head_low",
                                                    "psnr_hq_head_high", "iou", "dice", "iou_ones", "dice_ones",
                                                    "iou_person", "dice_person", "pos_rate_hmb", "pos_rate_empty")}
-    # The person mask is nearly the answer when the whole body moves and far from it when one limb
-    # does: the IoU split by the moving group tells which case a shortfall comes from.
-    by_kind: dict[str, dict[str, list[float]]] = {kind: {"iou": [], "iou_person": []} for kind in HMB_KINDS}
+    kinds: list[str] = []  # per HMB sample, in the order of per["iou"]
     scores, labels, sweep, rows = [], [], [], []
     n_hmb = n_empty = 0
     for s in iter_samples(sorted(heldout.glob("*.tar"))):
@@ -206,13 +204,11 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
         true, person, pred = s.mask >= 128, s.parts > 0, p > 0.5
         if true.any():
             n_hmb += 1
-            kind = "whole_body" if (s.meta.get("hmb") or {}).get("group") == "whole_body" else "part"
+            kinds.append("whole_body" if (s.meta.get("hmb") or {}).get("group") == "whole_body" else "part")
             for name, guess in (("", pred), ("_ones", np.ones_like(true)), ("_person", person)):
                 iou, dice = iou_dice(guess, true)
                 per[f"iou{name}"].append(iou)
                 per[f"dice{name}"].append(dice)
-                if name != "_ones":
-                    by_kind[kind][f"iou{name}"].append(iou)
             per["pos_rate_hmb"].append(float(pred.mean()))
             sweep.append([iou_dice(p > t, true)[0] for t in THRESHOLDS])
             scores.append(p[person])
@@ -231,9 +227,12 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
         out["iou_best"], out["iou_best_threshold"] = float(mean_iou.max()), float(THRESHOLDS[mean_iou.argmax()])
     out["auroc_in_person"] = auroc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
     out["samples_hmb"], out["samples_empty"] = n_hmb, n_empty
-    for kind, lists in by_kind.items():
-        out[f"samples_hmb_{kind}"] = len(lists["iou"])
-        for name, values in lists.items():
+    # The person mask is nearly the answer when the whole body moves and far from it when one limb
+    # does: the IoU split by the moving group tells which case a shortfall comes from.
+    for kind in HMB_KINDS:
+        out[f"samples_hmb_{kind}"] = kinds.count(kind)
+        for name in ("iou", "iou_person"):
+            values = [v for v, k in zip(per[name], kinds) if k == kind]
             out[f"{name}_{kind}"] = float(np.mean(values)) if values else float("nan")
     return out, image_grid(rows)
 
