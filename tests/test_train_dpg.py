@@ -21,7 +21,7 @@ from haodiff_data.shards.schema import encode_sample
 from haodiff_model.bench import gpu as bench_gpu
 from haodiff_model.cli import main
 from haodiff_model.config import ConfigError
-from haodiff_model.io.official import load_dpg_weights
+from haodiff_model.io.official import CheckpointMismatchError, load_dpg_weights
 from haodiff_model.losses.losses import PAPER_LOSS
 from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.train.distributed import DistContext
@@ -263,6 +263,40 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards: Path, tmp_
     for name, value in a["models"]["dpg"].items():
         assert torch.equal(value, b["models"]["dpg"][name]), name
     assert a["loader_step"] == b["loader_step"] == 6
+
+
+def test_ema_is_the_running_average_of_every_step_exported_and_resumed(shards: Path, tmp_path: Path) -> None:
+    cfg = _config(shards, tmp_path / "x", output={"ckpt_every": 1, "keep_last": 10},
+                  train={"max_steps": 4, "device": "cpu", "warmup_steps": 1, "scheduler": "constant",
+                         "ema_decay": 0.5})
+    config = _write(tmp_path / "c.yaml", cfg)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["dpg", "--config", str(config), "--out", str(straight)]) == 0
+    assert main(["dpg", "--config", str(config), "--out", str(split), "--max-steps", "2"]) == 0
+    assert main(["dpg", "--config", str(config), "--out", str(split), "--resume"]) == 0
+
+    expected = dict(DPGNetwork(DPGConfig.from_dict(TINY_STAGE1_DPG), torch.Generator().manual_seed(0))
+                    .named_parameters())
+    expected = {n: p.detach().clone() for n, p in expected.items()}
+    for step in range(1, 5):  # the shadow starts at the initial weights and halves towards each step's
+        raw = CheckpointManager.load(straight / "checkpoints" / f"step-{step:08d}")["models"]["dpg"]
+        expected = {n: 0.5 * v + 0.5 * raw[n] for n, v in expected.items()}
+    final = CheckpointManager.load(straight / "checkpoints" / "step-00000004")
+    assert any(not torch.equal(v, final["models"]["dpg"][n]) for n, v in final["ema"].items())
+    for name, value in expected.items():
+        torch.testing.assert_close(final["ema"][name], value, rtol=0, atol=1e-6)
+    exported = DPGNetwork(DPGConfig.from_dict(TINY_STAGE1_DPG))
+    assert load_dpg_weights(exported, straight / "dpg.pth").ok
+    for name, value in exported.named_parameters():
+        assert torch.equal(value, final["ema"][name]), name  # the file holds the EMA, not the raw weights
+    resumed = CheckpointManager.load(split / "checkpoints" / "step-00000004")["ema"]
+    assert all(torch.equal(resumed[n], v) for n, v in final["ema"].items())
+
+    no_ema = _write(tmp_path / "n.yaml", _config(shards, tmp_path / "x", train={"max_steps": 1, "device": "cpu"}))
+    assert main(["dpg", "--config", str(no_ema), "--out", str(tmp_path / "plain")]) == 0
+    with pytest.raises(CheckpointMismatchError, match="has no EMA"):
+        train(TrainDPGConfig.from_dict({**cfg, "output": {**cfg["output"], "dir": str(tmp_path / "plain")}}),
+              resume=True, log=lambda m: None, ctx=DistContext())
 
 
 def test_resume_check_reads_settings_added_since_the_checkpoint_as_their_defaults(tmp_path: Path) -> None:

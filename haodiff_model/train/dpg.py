@@ -2,7 +2,8 @@
 
 LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + 0.02 Dice(sigmoid(mask))
 (+ a BCE term on the mask logits); Adam with warm-up and cosine decay; bf16 autocast on CUDA, fp32 on
-CPU; gradient-norm clipping. The paper's objective and optimiser as written (Sec. 4.1: Dice per
+CPU; gradient-norm clipping; optionally an EMA of the weights (`train.ema_decay`), which validation
+and the exported files then use. The paper's objective and optimiser as written (Sec. 4.1: Dice per
 image, no BCE, constant lr 2e-3) stay a config choice; the defaults differ because at those settings
 the mask head saturates to all ones within a few dozen steps (issue #12; `python -m
 haodiff_model.bench.learn` measures it). Every log record carries per-branch gradient norms and the
@@ -50,6 +51,7 @@ from haodiff_model.nets.dpg import DPGConfig, DPGNetwork
 from haodiff_model.restore.settings import dpg_sidecar
 from haodiff_model.train.data import ShardStreamConfig
 from haodiff_model.train.distributed import DistContext, init_distributed, wrap_ddp
+from haodiff_model.train.ema import EMA, load_ema_state, maybe_swapped
 from haodiff_model.train.loop import (
     OutputSettings, Run, TrainMeter, ValSettings, autocast_dtype, batches, build_train_loader, load_val_batch,
     restore_rngs, run_from_args, split_holdout,
@@ -89,6 +91,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     precision: Literal["bf16", "fp32"] = "bf16"
+    ema_decay: float | None = None
     seed: int = 0
     device: Literal["cuda", "cpu"] | None = None
 
@@ -102,6 +105,7 @@ class TrainSettings:
             "warmup_steps": self.warmup_steps >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
             "seed": self.seed >= 0,
         }
         bad = [n for n, ok in checks.items() if not ok]
@@ -274,7 +278,8 @@ def _load_init_weights(model: DPGNetwork, path: str) -> str:
 def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] | None = None,
           ctx: DistContext | None = None) -> tuple[Path, DPGNetwork]:
     """Run stage 1 to `train.max_steps` on every rank (joining the launcher's process group unless
-    `ctx` is given); returns the final official-layout weights file and the trained network."""
+    `ctx` is given); returns the final official-layout weights file and the trained network (holding
+    the EMA weights when `train.ema_decay` is set, as the file does)."""
     ctx = ctx or init_distributed(cfg.train.device)
     t = cfg.train
     plot_keys = ["train/loss", *(f"train/{k}" for k in LOSS_PARTS if k != "bce" or cfg.loss.bce_weight), "val/loss"]
@@ -293,6 +298,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
     optimizer = make_optimizer(model.parameters(), t, ctx.device)
     scheduler = make_scheduler(optimizer, t)
     amp_dtype = autocast_dtype(t.precision, ctx.device)
+    ema = EMA(dict(model.named_parameters()), t.ema_decay) if t.ema_decay is not None else None
     checkpointed = {"models": {"dpg": model}, "optimizers": {"adam": optimizer}, "schedulers": {"lr": scheduler},
                     "rngs": {"drop_path": drop_path_rng}}
 
@@ -301,6 +307,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
     if state is not None:
         _check_same_architecture(state, cfg)
         step = apply_state(state, checkpointed["models"], checkpointed["optimizers"], checkpointed["schedulers"])
+        load_ema_state(ema, state)
         if not restore_rngs(state, checkpointed["rngs"], ctx):
             run.say(f"world size {state['world_size']} -> {ctx.world_size}: model, optimizer, scheduler and step "
                     "restored exactly; data streams and drop-path RNG re-derived for the new world (not an exact "
@@ -314,7 +321,8 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
     run.start(step, resumed=state is not None)
 
     def write_outputs(folder: Path) -> None:
-        model.save_pretrained(folder / DPG_WEIGHTS)
+        with maybe_swapped(ema):
+            model.save_pretrained(folder / DPG_WEIGHTS)
 
     run.say(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_urls)} training "
             f"shard(s), {len(val_urls)} validation shard(s), world size {ctx.world_size}, device {ctx.device}, "
@@ -324,6 +332,8 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
     for batch in batches(loader, t.max_steps, meter):
         loss, parts, stats = dpg_train_step(ddp, optimizer, batch, cfg.loss, t.grad_clip, amp_dtype, ctx.device)
         scheduler.step()
+        if ema is not None:
+            ema.update()
         step += 1
         meter.add(torch.stack([loss, *(parts[k] for k in LOSS_PARTS), *(stats[k] for k in HEAD_STATS)]))
         last = step == t.max_steps
@@ -338,12 +348,17 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
                 run.warn(f"step {step}: {warning}")
         with meter.paused():
             if val_batch is not None and (step % cfg.val.every == 0 or last):
-                run.log_validation(step, *validate(model, val_batch, cfg.loss, amp_dtype, ctx.device), write_outputs)
+                with maybe_swapped(ema):
+                    val_metrics, grid = validate(model, val_batch, cfg.loss, amp_dtype, ctx.device)
+                run.log_validation(step, val_metrics, grid, write_outputs)
             if step % cfg.output.ckpt_every == 0 or last:
-                run.save(step, loader, train_urls, write_outputs=write_outputs, **checkpointed)
+                run.save(step, loader, train_urls, write_outputs=write_outputs,
+                         ema=ema.state_dict() if ema is not None else None, **checkpointed)
     weights = run.finish(step, [DPG_WEIGHTS, dpg_sidecar(DPG_WEIGHTS).name], write_outputs, loader)[0]
     if ctx.is_main:
         plot_metrics(run.out / METRICS_FILE, run.out / "heads.png", HEADS_PLOT_KEYS)
+    if ema is not None:
+        ema.copy_to_params()
     return weights, model
 
 

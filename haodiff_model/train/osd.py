@@ -44,6 +44,7 @@ from haodiff_model.io.official import IMG_ENCODER_FILE, LORA_FILE, CheckpointMis
 from haodiff_model.losses.losses import stage2_loss
 from haodiff_model.restore.settings import SETTINGS_FILE
 from haodiff_model.train.distributed import DistContext, init_distributed
+from haodiff_model.train.ema import load_ema_state
 from haodiff_model.train.loop import (
     VAL_KINDS, Run, TrainMeter, batches, build_train_loader, load_val_batch, restore_rngs, run_from_args,
     split_holdout,
@@ -91,10 +92,7 @@ def restore(step: Stage2Step, state: Mapping[str, Any]) -> int:
     load_trainable_state(step.restorer.unet, state["unet_lora"], "unet_lora")
     if step.disc_module is not None:
         load_trainable_state(step.disc_module.disc, state["discriminator"], "discriminator")
-    if step.ema is not None:
-        if state.get("ema") is None:
-            raise CheckpointMismatchError("train.ema_decay is set but the checkpoint has no EMA; resume without EMA")
-        step.ema.load_state_dict(state["ema"])
+    load_ema_state(step.ema, state)
     return at
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from haodiff_model.io.official import CheckpointMismatchError
 from haodiff_model.losses.losses import stage2_loss
 from haodiff_model.nets.discriminator import discriminator_gan_loss, generator_gan_loss, noise_to_random_t
 from haodiff_model.nets.restorer import ADAPTER, RestorerOutput, cast_frozen_, lora_layers
@@ -21,50 +20,13 @@ from haodiff_model.restore.settings import (
     OFFICIAL_BASE_MODEL, UNET_FINGERPRINT_KEYS, InferenceSettings, write_settings,
 )
 from haodiff_model.train.distributed import DistContext, wrap_ddp
+from haodiff_model.train.ema import EMA, maybe_swapped
 from haodiff_model.train.loop import autocast_dtype
 from haodiff_model.train.osd_build import Stage2Discriminator, Stage2Generator, Stage2Parts
 from haodiff_model.train.osd_config import (
     GAN_STREAM, REDRAW_STREAM, VAE_STREAM, DiscriminatorSettings, LossSettings, TrainSettings,
 )
 from haodiff_model.train.state import derive_seed
-
-
-class EMA:
-    """Exponential moving average of named parameters (float32 shadows on their device)."""
-
-    def __init__(self, params: Mapping[str, nn.Parameter], decay: float):
-        self.decay = decay
-        self.params = dict(params)
-        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        names = list(self.params)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [self.params[n].detach().float() for n in names],
-                             1 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[None]:
-        """Within the block the parameters hold the EMA values."""
-        saved = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(saved[n])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if set(state) != set(self.shadow):
-            raise CheckpointMismatchError("checkpoint EMA: parameter names differ from the model's")
-        for n, v in state.items():
-            self.shadow[n].copy_(v)
 
 
 class Stage2Step:
@@ -180,7 +142,7 @@ class Stage2Step:
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
         """The generator holds its EMA weights within the block (no-op without EMA)."""
-        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+        with maybe_swapped(self.ema):
             yield
 
     @torch.no_grad()
