@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +139,9 @@ class Stage2Step:
                       d_grad_norm=d_norm.detach())
         return result
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def ema_weights(self) -> contextlib.AbstractContextManager:
         """The generator holds its EMA weights within the block (no-op without EMA)."""
-        with maybe_swapped(self.ema):
-            yield
+        return maybe_swapped(self.ema)
 
     @torch.no_grad()
     def restore(self, lq: torch.Tensor, generator: torch.Generator) -> RestorerOutput:
