@@ -275,9 +275,8 @@ def test_ema_is_the_running_average_of_every_step_exported_and_resumed(shards: P
     assert main(["dpg", "--config", str(config), "--out", str(split), "--max-steps", "2"]) == 0
     assert main(["dpg", "--config", str(config), "--out", str(split), "--resume"]) == 0
 
-    expected = dict(DPGNetwork(DPGConfig.from_dict(TINY_STAGE1_DPG), torch.Generator().manual_seed(0))
-                    .named_parameters())
-    expected = {n: p.detach().clone() for n, p in expected.items()}
+    initial = DPGNetwork(DPGConfig.from_dict(TINY_STAGE1_DPG), torch.Generator().manual_seed(0))
+    expected = {n: p.detach().clone() for n, p in initial.named_parameters()}
     for step in range(1, 5):  # the shadow starts at the initial weights and halves towards each step's
         raw = CheckpointManager.load(straight / "checkpoints" / f"step-{step:08d}")["models"]["dpg"]
         expected = {n: 0.5 * v + 0.5 * raw[n] for n, v in expected.items()}
