@@ -1,8 +1,8 @@
 """Stage 1 trainer: the triple-branch DPG on streamed shards (paper Sec. 3.2, Eq. 4-5; Sec. 4.1).
 
 LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + alpha Dice(sigmoid(mask))
-+ a BCE term on the mask logits (defaults: alpha 0.5, Dice over the batch, BCE 0.1; the paper's Eq. 4:
-alpha 0.02, Dice per image, no BCE); Adam with warm-up and cosine decay; bf16 autocast on CUDA, fp32 on
++ a BCE term on the mask logits (defaults: alpha 0.5, Dice over the batch, BCE 0.1; paper: alpha 0.02);
+Adam with warm-up and cosine decay; bf16 autocast on CUDA, fp32 on
 CPU; gradient-norm clipping; optionally an EMA of the weights (`train.ema_decay`), which validation
 and the exported files then use. The paper's objective and optimiser as written (Sec. 4.1: Dice per
 image, no BCE, constant lr 2e-3) stay a config choice; the defaults differ because at those settings
