@@ -49,7 +49,7 @@ def _first_steps(steps: int, overrides: list[str], objective: Stage1Loss | None 
         *overrides])
     t = cfg.train
     model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(0))
-    opt = make_optimizer(model.parameters(), t, torch.device("cpu"))
+    opt = make_optimizer(model, t, torch.device("cpu"))
     sched = make_scheduler(opt, t)
     stats = []
     for step in range(steps):
@@ -139,6 +139,27 @@ def test_guard_on_healthy_vanishing_and_diverging_records() -> None:
     assert diverging == ["loss diverging: 1.6 against a best of 0.5"]
     # an all-zeros prediction on a batch without any HMB is right, not dead
     assert guard.check(50, {**healthy, "train/mask_pos_rate": 0.0, "train/mask_true_rate": 0.0}) == []
+
+
+def test_mask_lr_scale_steps_only_the_mask_branch_faster() -> None:
+    cfg = TrainDPGConfig.from_yaml(ROOT / "pipelines" / "train_dpg.yaml", [
+        *(f"dpg.{k}={v}" for k, v in TINY_MODEL.items()), "train.warmup_steps=4", "train.mask_lr_scale=3"])
+    model = DPGNetwork(cfg.dpg, torch.Generator().manual_seed(0))
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
+    sched = make_scheduler(opt, cfg.train)
+    rest, mask = opt.param_groups
+    mask_branch = {id(p) for p in [*model.branches[2].parameters(), *model.upsamplers[2].parameters()]}
+    assert {id(p) for p in mask["params"]} == mask_branch
+    assert len(rest["params"]) + len(mask["params"]) == len(list(model.parameters()))
+    for _ in range(2):
+        opt.step()  # no gradients: no update, only the schedule's order
+        sched.step()
+        assert rest["lr"] == pytest.approx(cfg.train.lr * (sched.last_epoch + 1) / 4)  # the warm-up applies to both
+        assert mask["lr"] == pytest.approx(3 * rest["lr"])
+    default = TrainDPGConfig.from_yaml(ROOT / "pipelines" / "train_dpg.yaml").train
+    assert len(make_optimizer(model, default, torch.device("cpu")).param_groups) == 1  # old checkpoints resume
+    with pytest.raises(ValueError, match="mask_lr_scale"):
+        TrainDPGConfig.from_yaml(ROOT / "pipelines" / "train_dpg.yaml", ["train.mask_lr_scale=0"])
 
 
 def test_batch_dice_counts_false_positives_on_empty_samples() -> None:

@@ -93,6 +93,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     precision: Literal["bf16", "fp32"] = "bf16"
     ema_decay: float | None = None
+    mask_lr_scale: float = 1.0
     seed: int = 0
     device: Literal["cuda", "cpu"] | None = None
 
@@ -107,6 +108,7 @@ class TrainSettings:
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
             "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
+            "mask_lr_scale": self.mask_lr_scale > 0,
             "seed": self.seed >= 0,
         }
         bad = [n for n, ok in checks.items() if not ok]
@@ -139,9 +141,15 @@ def lr_factor(step: int, t: TrainSettings) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: Iterable[nn.Parameter], t: TrainSettings, device: torch.device) -> torch.optim.Adam:
+def make_optimizer(model: nn.Module, t: TrainSettings, device: torch.device) -> torch.optim.Adam:
+    """Adam over the model; the mask branch and its head in a group of their own at lr x mask_lr_scale."""
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    if t.mask_lr_scale != 1.0:
+        mask_ids = {id(p) for p in head_parameters(model)[HEAD_NAMES.index("mask")]}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in mask_ids]},
+                  {"params": [p for p in model.parameters() if id(p) in mask_ids], "lr": t.lr * t.mask_lr_scale}]
     # fused Adam: one kernel for all parameters on CUDA (same update rule as the reference loop)
-    return torch.optim.Adam(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+    return torch.optim.Adam(groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
                             fused=True if device.type == "cuda" else None)
 
 
@@ -296,7 +304,7 @@ def train(cfg: TrainDPGConfig, resume: bool = False, log: Callable[[str], None] 
     model.to(ctx.device)
     drop_path_rng = torch.Generator(device=ctx.device)
     model.set_drop_path_generator(drop_path_rng)
-    optimizer = make_optimizer(model.parameters(), t, ctx.device)
+    optimizer = make_optimizer(model, t, ctx.device)
     scheduler = make_scheduler(optimizer, t)
     amp_dtype = autocast_dtype(t.precision, ctx.device)
     ema = EMA(dict(model.named_parameters()), t.ema_decay) if t.ema_decay is not None else None
