@@ -302,18 +302,24 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Load a recipe by name (``haodiff`` -> ``pipelines/haodiff.yaml``) or by file path, then apply
-    ``dotted.key=value`` overrides (values parsed as YAML), e.g. ``hmb.psf_iters=500``."""
+def read_pipeline_yaml(name_or_path: str | Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """(path, mapping) of a pipelines/ YAML by name (``haodiff`` -> ``pipelines/haodiff.yaml``) or by
+    file path; `what` names the file in the error when it is missing."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = PIPELINES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError(f"{what} not found: {path}")
     try:
-        raw = read_yaml(path)
+        return path, read_yaml(path)
     except ConfigError as exc:  # already names the file
         raise RecipeError(str(exc)) from exc
+
+
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe by name (``haodiff`` -> ``pipelines/haodiff.yaml``) or by file path, then apply
+    ``dotted.key=value`` overrides (values parsed as YAML), e.g. ``hmb.psf_iters=500``."""
+    path, raw = read_pipeline_yaml(name_or_path, "recipe file")
     try:
         data = apply_overrides(raw, overrides)
         data.setdefault("name", path.stem)

@@ -14,9 +14,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from haodiff_data.config import ConfigError, read_yaml
+from haodiff_data.config import ConfigError
 from haodiff_data.mpii.annotations import MPIIImage, Person
-from haodiff_data.recipe import PIPELINES_DIR, RecipeError, from_dict
+from haodiff_data.recipe import RecipeError, from_dict, read_pipeline_yaml
 
 RULES = ("split", "min_keypoints", "single_person", "min_side", "max_clip", "max_other_overlap")
 
@@ -37,15 +37,7 @@ class MPIITestConfig:
 
 def load_config(name_or_path: str | Path = "mpii_test") -> MPIITestConfig:
     """``pipelines/mpii_test.yaml`` by name, or a YAML path; unknown keys fail with their name."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = PIPELINES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise RecipeError(f"MPII-Test rules file not found: {path}")
-    try:
-        data = read_yaml(path)
-    except ConfigError as exc:  # already names the file
-        raise RecipeError(str(exc)) from None
+    path, data = read_pipeline_yaml(name_or_path, "MPII-Test rules file")
     try:
         cfg = from_dict(MPIITestConfig, data)
     except ConfigError as exc:
