@@ -124,6 +124,22 @@ def test_channel_shuffle_puts_hq_and_lq_in_one_order(shard_dir: Path) -> None:
     assert len(orders) >= 4  # 16 samples over 6 orders
 
 
+def test_rot90_turns_hq_lq_and_mask_by_one_quarter_count(shard_dir: Path) -> None:
+    loader = make_loader(_cfg([str(shard_dir)], rot90=True, num_workers=0, epoch_length=8))
+    turns = Counter()
+    for b in loader:
+        for i, key in enumerate(b["key"]):
+            hq, lq, mask = (torch.from_numpy(a.copy()) for a in _images(key))
+            hq, lq = ((a.permute(2, 0, 1).float() - 127.5) / 127.5 for a in (hq, lq))
+            mask = (mask == 255).float()
+            found = [k for k in range(4) if torch.equal(hq.rot90(k, (1, 2)), b["hq"][i])]
+            assert len(found) == 1, key
+            k = found[0]
+            assert torch.equal(b["lq"][i], lq.rot90(k, (1, 2))) and torch.equal(b["mask"][i, 0], mask.rot90(k))
+            turns[k] += 1
+    assert len(turns) >= 3  # 16 samples over 4 turns
+
+
 def test_ranks_and_workers_read_disjoint_slices_of_one_shard_stream(shard_dir: Path) -> None:
     # No shuffle and one whole shard per batch: batch j of a rank is one shard draw.
     cfg = _cfg([str(shard_dir)], batch_size=PER_SHARD, shuffle_buffer=1, epoch_length=6)

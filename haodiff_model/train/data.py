@@ -72,6 +72,7 @@ class ShardStreamConfig:
     shuffle_buffer: int = 256  # samples per worker; ~0.8 MB each at 512x512
     crop_size: int | None = None  # random square crop; None keeps full images (all the same size)
     hflip: bool = False  # flip hq, lq, mask (and so the residual) together with probability 0.5
+    rot90: bool = False  # rotate hq, lq, mask together by 0, 90, 180 or 270 degrees, uniformly (square images)
     channel_shuffle: bool = False  # put hq's and lq's R, G, B in one of the 6 orders, the same for both
     max_failures: int = 100  # failed shard reads or decodes in a row before a worker gives up
     timeout_s: float = 600.0  # DataLoader error if no batch arrives from a worker for this long
@@ -217,7 +218,7 @@ class _WorkerStream:
             where = f"{sample['__url__']}:{sample['__key__']}"
             try:
                 hq, lq, mask = _decode_images(sample, where)
-                if self.cfg.crop_size is not None or self.cfg.hflip or self.cfg.channel_shuffle:
+                if self.cfg.crop_size is not None or self.cfg.hflip or self.cfg.rot90 or self.cfg.channel_shuffle:
                     rng = np.random.default_rng([*self.augment_seed, ordinal])
                     hq, lq, mask = _augment(hq, lq, mask, self.cfg, rng, where)
             except SchemaError as exn:
@@ -266,6 +267,9 @@ def _augment(hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, cfg: ShardStreamC
         hq, lq, mask = hq[window], lq[window], mask[window]
     if cfg.hflip and rng.random() < 0.5:
         hq, lq, mask = hq[:, ::-1], lq[:, ::-1], mask[:, ::-1]
+    if cfg.rot90:
+        k = int(rng.integers(4))
+        hq, lq, mask = (np.rot90(a, k) for a in (hq, lq, mask))
     if cfg.channel_shuffle:
         order = rng.permutation(3)
         hq, lq = hq[..., order], lq[..., order]
