@@ -2,14 +2,14 @@
 
 LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + alpha Dice(sigmoid(mask))
 + a BCE term on the mask logits (defaults: alpha 0.5, Dice over the batch, BCE 0.1; paper: alpha 0.02);
-Adam with warm-up and cosine decay; bf16 autocast on CUDA, fp32 on
-CPU; gradient-norm clipping; optionally an EMA of the weights (`train.ema_decay`), which validation
-and the exported files then use. The paper's objective and optimiser as written (Sec. 4.1: Dice per
+Adam with warm-up and cosine decay (the mask branch's lr scaled by `train.mask_lr_scale`); bf16
+autocast on CUDA, fp32 on CPU; gradient-norm clipping; optionally an EMA of the weights
+(`train.ema_decay`), which validation and the exported files then use. The paper's objective and optimiser as written (Sec. 4.1: Dice per
 image, no BCE, constant lr 2e-3) stay a config choice; the defaults differ because at those settings
 the mask head saturates to all ones within a few dozen steps (issue #12; `python -m
 haodiff_model.bench.learn` measures it). Every log record carries per-branch gradient norms and the
-mask head's positive rate, and `Stage1Guard` warns when a head saturates, dies or the loss diverges. Every
-rank reads its own slice of the shard stream; DDP averages the gradients. Rank 0 alone logs,
+mask head's positive rate, and `Stage1Guard` warns when a head saturates, dies or the loss diverges.
+Every rank reads its own slice of the shard stream; DDP averages the gradients. Rank 0 alone logs,
 validates and writes files. Validation uses a fixed batch from held-out shards (`val.urls`, or
 else the last training shard, which is then excluded from training).
 
@@ -143,8 +143,9 @@ def lr_factor(step: int, t: TrainSettings) -> float:
 
 def make_optimizer(model: nn.Module, t: TrainSettings, device: torch.device) -> torch.optim.Adam:
     """Adam over the model; the mask branch and its head in a group of their own at lr x mask_lr_scale."""
-    groups: list[dict] = [{"params": list(model.parameters())}]
-    if t.mask_lr_scale != 1.0:
+    if t.mask_lr_scale == 1.0:  # one group, as checkpoints written before the knob hold
+        groups = [{"params": list(model.parameters())}]
+    else:
         mask_ids = {id(p) for p in head_parameters(model)[HEAD_NAMES.index("mask")]}
         groups = [{"params": [p for p in model.parameters() if id(p) not in mask_ids]},
                   {"params": [p for p in model.parameters() if id(p) in mask_ids], "lr": t.lr * t.mask_lr_scale}]
