@@ -1,17 +1,17 @@
 """Stage 1 trainer: the triple-branch DPG on streamed shards (paper Sec. 3.2, Eq. 4-5; Sec. 4.1).
 
-LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + alpha Dice(sigmoid(mask))
-+ a BCE term on the mask logits (defaults: alpha 0.5, Dice over the batch, BCE 0.1; paper: alpha 0.02);
-Adam with warm-up and cosine decay (the mask branch's lr scaled by `train.mask_lr_scale`); bf16
-autocast on CUDA, fp32 on CPU; gradient-norm clipping; optionally an EMA of the weights
-(`train.ema_decay`), which validation and the exported files then use. The paper's objective and optimiser as written (Sec. 4.1: Dice per
-image, no BCE, constant lr 2e-3) stay a config choice; the defaults differ because at those settings
-the mask head saturates to all ones within a few dozen steps (issue #12; `python -m
-haodiff_model.bench.learn` measures it). Every log record carries per-branch gradient norms and the
-mask head's positive rate, and `Stage1Guard` warns when a head saturates, dies or the loss diverges.
-Every rank reads its own slice of the shard stream; DDP averages the gradients. Rank 0 alone logs,
-validates and writes files. Validation uses a fixed batch from held-out shards (`val.urls`, or
-else the last training shard, which is then excluded from training).
+LQ -> DPGNetwork -> [HQ, residual, mask logits]; loss L1(HQ) + L1(LQ - HQ) + alpha Dice(sigmoid(mask)) +
+a BCE term on the mask logits (defaults: alpha 0.5, Dice over the batch, BCE 0.1; paper: alpha 0.02);
+Adam with warm-up and cosine decay (the mask branch's lr scaled by `train.mask_lr_scale`); bf16 autocast
+on CUDA, fp32 on CPU; gradient-norm clipping; optionally an EMA of the weights (`train.ema_decay`),
+which validation and the exported files then use. The paper's objective and optimiser as written (Sec.
+4.1: Dice per image, no BCE, constant lr 2e-3) stay a config choice; the defaults differ because at
+those settings the mask head saturates to all ones within a few dozen steps (issue #12; `python -m
+haodiff_model.bench.learn` measures it). Every log record carries per-branch gradient norms and the mask
+head's positive rate, and `Stage1Guard` warns when a head saturates, dies or the loss diverges. Every
+rank reads its own slice of the shard stream; DDP averages the gradients. Rank 0 alone logs, validates
+and writes files. Validation uses a fixed batch from held-out shards (`val.urls`, or else the last
+training shard, which is then excluded from training).
 
 Outputs under `output.dir`: metrics.jsonl, tb/ (TensorBoard), val/step-*.png (grids: HQ | LQ |
 pred HQ | residual | pred residual | mask | pred mask), loss.png, config.yaml,
