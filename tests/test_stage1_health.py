@@ -277,7 +277,8 @@ class _BoxAt(torch.nn.Module):
 
 def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -> None:
     """A head that ranks the HMB box perfectly but under-confidently (p 0.3): IoU 0 at p > 0.5, best
-    IoU 1 at a lower threshold; the all-ones and person baselines are the box's share of the image."""
+    IoU 1 at a lower threshold; the all-ones and person baselines are the box's share of the image;
+    the figures by photo and on every n-th sample count the right samples."""
     from haodiff_model.bench.learn import evaluate
 
     rng = np.random.default_rng(0)
@@ -288,9 +289,11 @@ def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -
     parts[:, :48] = 1
     (tmp_path / "held").mkdir()
     with wds.TarWriter(str(tmp_path / "held" / "h-r000-000000.tar"), encoder=False, mtime=0) as tar:
-        for i, (m, group) in enumerate(((mask, "head"), (mask, "whole_body"), (np.zeros_like(mask), None))):
-            img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            tar.write(encode_sample(f"h{i:03d}", img, img, m, parts, {"hmb": group and {"group": group}}))
+        samples = ((mask, "head", "a"), (mask, "whole_body", "a"), (np.zeros_like(mask), None, "flat"))
+        for i, (m, group, photo) in enumerate(samples):
+            img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) if photo == "a" else np.full((64, 64, 3), 90, np.uint8)
+            meta = {"hmb": group and {"group": group}, "source": {"path": f"/photos/{photo}.png"}}
+            tar.write(encode_sample(f"h{i:03d}", img, img, m, parts, meta))
     metrics, grid = evaluate(_BoxAt(box, 0.3), tmp_path / "held")
     assert (metrics["samples_hmb"], metrics["samples_empty"]) == (2, 1)
     assert metrics["iou"] == 0.0 and metrics["pos_rate_hmb"] == 0.0 and metrics["pos_rate_empty"] == 0.0
@@ -302,3 +305,12 @@ def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -
     assert metrics["iou_part"] == metrics["iou_whole_body"] == 0.0
     assert metrics["iou_person_part"] == metrics["iou_person_whole_body"] == metrics["iou_person"]
     assert grid.ndim == 3 and grid.shape[2] == 3
+    a, flat = metrics["by_photo"]["a"], metrics["by_photo"]["flat"]
+    assert (a["samples_hmb"], a["samples_empty"], flat["samples_hmb"], flat["samples_empty"]) == (2, 0, 0, 1)
+    assert a["iou"] == 0.0 and a["iou_person"] == metrics["iou_person"] and math.isnan(a["pos_rate_empty"])
+    assert flat["pos_rate_empty"] == 0.0 and math.isnan(flat["iou"])
+    assert flat["detail"] < 1e-9 and a["detail"] > 20  # uniform noise has a strong high band
+
+    every_other = evaluate(_BoxAt(box, 0.3), tmp_path / "held", every=2)[0]  # samples 0 and 2
+    assert (every_other["samples_hmb"], every_other["samples_empty"]) == (1, 1)
+    assert every_other["samples_hmb_part"] == 1 and every_other["samples_hmb_whole_body"] == 0

@@ -112,7 +112,7 @@ def bundled_photos() -> list[str]:
 
 def build_data(args: argparse.Namespace) -> tuple[Path, Path]:
     """(training shards folder, held-out shards folder), synthesized once per recipe/photos/K/seed."""
-    photos = bundled_photos() + list(args.photos)
+    photos = [p for p in bundled_photos() if Path(p).stem not in args.exclude] + list(args.photos)
     held = [p for p in photos if Path(p).stem == args.holdout]
     if len(held) != 1:
         raise SystemExit(f"--holdout {args.holdout!r} must name exactly one photo (by stem) of {photos}")
@@ -176,9 +176,20 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+def detail(hq: np.ndarray, where: np.ndarray) -> float:
+    """RMS of the HQ's grey high band (above a Gaussian of sigma 1 px) over `where`: how much fine
+    detail the source has for HMB to remove. A soft photo (little detail) looks blurred without HMB."""
+    import cv2
+
+    grey = cv2.cvtColor(hq, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    high = grey - cv2.GaussianBlur(grey, (0, 0), 1.0, borderType=cv2.BORDER_REFLECT)
+    return float(np.sqrt(np.mean(high[where] ** 2))) if where.any() else float("nan")
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """The held-out figures (see the module doc) and the picture of the first GRID_ROWS samples."""
+def evaluate(model: torch.nn.Module, shards: Path, every: int = 1) -> tuple[dict[str, Any], np.ndarray]:
+    """The figures of the module doc on every `every`-th sample of `shards`, overall and by photo, and
+    the picture of the first GRID_ROWS of them."""
     model.eval()
     device = next(model.parameters()).device
     per: dict[str, list[float]] = {k: [] for k in ("psnr_lq", "psnr_hq_head", "psnr_lq_minus_res",
@@ -186,9 +197,15 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
                                                    "psnr_hq_head_high", "iou", "dice", "iou_ones", "dice_ones",
                                                    "iou_person", "dice_person", "pos_rate_hmb", "pos_rate_empty")}
     kinds: list[str] = []  # per HMB sample, in the order of per["iou"]
+    photos_hmb: list[str] = []  # the same, for the source photo's stem
+    photos_empty: list[str] = []  # per sample without HMB, in the order of per["pos_rate_empty"]
+    details: dict[str, list[float]] = {}
     scores, labels, sweep, rows = [], [], [], []
     n_hmb = n_empty = 0
-    for s in iter_samples(sorted(heldout.glob("*.tar"))):
+    for i, s in enumerate(iter_samples(sorted(shards.glob("*.tar")))):
+        if i % every:
+            continue
+        photo = Path(s.meta["source"]["path"]).stem
         lq = torch.from_numpy(s.lq).permute(2, 0, 1).float().div(127.5).sub(1)[None].to(device)
         hq_pred, res_pred, logits = (x.float().cpu() for x in model(lq))
         lq = lq.cpu()
@@ -202,8 +219,10 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
             per[f"psnr_{name}_low"].append(low)
             per[f"psnr_{name}_high"].append(high)
         true, person, pred = s.mask >= 128, s.parts > 0, p > 0.5
+        details.setdefault(photo, []).append(detail(s.hq, person))
         if true.any():
             n_hmb += 1
+            photos_hmb.append(photo)
             kinds.append("whole_body" if (s.meta.get("hmb") or {}).get("group") == "whole_body" else "part")
             for name, guess in (("", pred), ("_ones", np.ones_like(true)), ("_person", person)):
                 iou, dice = iou_dice(guess, true)
@@ -215,6 +234,7 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
             labels.append(true[person])
         else:
             n_empty += 1
+            photos_empty.append(photo)
             per["pos_rate_empty"].append(float(pred.mean()))
         if len(rows) < GRID_ROWS:
             grey = [np.repeat((m * 255).astype(np.uint8)[..., None], 3, axis=2) for m in (true, p, person)]
@@ -234,6 +254,17 @@ def evaluate(model: torch.nn.Module, heldout: Path) -> tuple[dict[str, Any], np.
         for name in ("iou", "iou_person"):
             values = [v for v, k in zip(per[name], kinds) if k == kind]
             out[f"{name}_{kind}"] = float(np.mean(values)) if values else float("nan")
+
+    def mean_of(name: str, photo: str, of: list[str]) -> float:
+        values = [v for v, p in zip(per[name], of) if p == photo]
+        return float(np.mean(values)) if values else float("nan")
+
+    out["by_photo"] = {photo: {"samples_hmb": photos_hmb.count(photo), "iou": mean_of("iou", photo, photos_hmb),
+                               "iou_person": mean_of("iou_person", photo, photos_hmb),
+                               "samples_empty": photos_empty.count(photo),
+                               "pos_rate_empty": mean_of("pos_rate_empty", photo, photos_empty),
+                               "detail": float(np.mean(details[photo]))}
+                       for photo in details}
     return out, image_grid(rows)
 
 
@@ -342,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="recipe override, e.g. generic.scale=1 (repeatable; tells data limits from model limits)")
     ap.add_argument("--p-hmb", type=float, default=0.7, help="first-order HMB probability (default: 0.7)")
     ap.add_argument("--holdout", default="astronaut", help="stem of the photo never trained on (default: astronaut)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="STEM",
+                    help="a bundled photo left out entirely, by stem (e.g. zidane); repeatable")
     ap.add_argument("--k-train", type=int, default=100, help="samples per training photo (default: 100)")
     ap.add_argument("--k-heldout", type=int, default=24, help="samples of the held-out photo (default: 24)")
     ap.add_argument("--data-seed", type=int, default=0)
@@ -363,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--probe-steps", type=int, default=0,
                     help="also train a plain full-resolution CNN for the mask alone this many steps and report its "
                          "AUROC: whether the data lets any model find HMB (default: 0 = off; 1200 takes ~4 min)")
+    ap.add_argument("--train-every", type=int, default=4,
+                    help="also score every N-th training sample, the fit beside the held-out figures (default: 4; "
+                         "0 = off)")
     ap.add_argument("--out", default=None, help="run folder (default: runs/bench_learn/<paper|default>-<steps>)")
     args = ap.parse_args(argv)
 
@@ -384,11 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     metrics, grid = evaluate(model, heldout_dir)
+    fit = evaluate(model, train_dir, args.train_every)[0] if args.train_every else None
     eval_s = time.perf_counter() - start
     save_png(out / "heldout.png", grid)
     checks = targets(metrics)
     report = {"config": cfg.to_dict(), "argv": list(sys.argv[1:] if argv is None else argv), "metrics": metrics,
-              "targets": {what: ok for what, ok in checks}, "train_s": train_s, "eval_s": eval_s, "load": uptime()}
+              "train_metrics": fit, "targets": {what: ok for what, ok in checks}, "train_s": train_s,
+              "eval_s": eval_s, "load": uptime()}
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
     if args.probe_steps:
@@ -410,6 +448,20 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB; by band (Gaussian sigma {LOW_BAND_SIGMA:g} px), "
           f"low: LQ {m['psnr_lq_low']:.2f} HQ head {m['psnr_hq_head_low']:.2f} dB, high: LQ {m['psnr_lq_high']:.2f} "
           f"HQ head {m['psnr_hq_head_high']:.2f} dB")
+    if fit is not None:
+        # The same figures on samples it trained on: far above the held-out ones, it does not generalise;
+        # as low, it does not fit (the data or the model); by photo, which source it cannot fit.
+        print(f"training samples (every {args.train_every}, {fit['samples_hmb']} HMB, {fit['samples_empty']} "
+              f"without; the fit, not a target): mask IoU {fit['iou']:.3f} | all-ones {fit['iou_ones']:.3f} | person "
+              f"{fit['iou_person']:.3f} | positive rate without HMB {100 * fit['pos_rate_empty']:.1f}% | "
+              f"AUROC in person {fit['auroc_in_person']:.3f}")
+    print("by photo: mask IoU vs person on HMB samples | positive rate without HMB | detail (HQ high-band RMS "
+          "in the person, grey levels)")
+    for role, figures in (("held out", metrics), ("trained on", fit or {"by_photo": {}})):
+        for photo, f in figures["by_photo"].items():
+            empty = f"{100 * f['pos_rate_empty']:.1f}%" if f["samples_empty"] else "-"
+            print(f"  {photo} ({role}): {f['iou']:.3f} vs {f['iou_person']:.3f} ({f['samples_hmb']}) | "
+                  f"{empty} ({f['samples_empty']}) | detail {f['detail']:.1f}")
     if args.probe_steps:
         print(f"mask probe (plain CNN, mask only, {args.probe_steps} steps): AUROC inside the person "
               f"{m['probe_auroc_train']:.3f} on training samples, {m['probe_auroc_heldout']:.3f} held out")
