@@ -17,7 +17,9 @@ DPG is for on a photo it never saw? (issue #12)
      baselines, also split by what moves (one part / the whole body, where the person mask is nearly
      the answer); its positive rate on samples without HMB; the AUROC of p inside the person; the best
      IoU over thresholds (a diagnostic: below the baselines, the ranking is the limit, not the 0.5);
-   - PSNR of the HQ head and of LQ - residual head, each against the LQ's own PSNR.
+   - PSNR of the HQ head and of LQ - residual head, each against the LQ's own PSNR;
+   - the same on every `--train-every`-th training sample (the fit: if it is no nearer its
+     baselines there than held out, the head does not fit, rather than not generalise), and by photo with each photo's detail (`detail`).
    Output: report.json, heldout.png (HQ | LQ | HQ head | LQ - residual | true mask | p | person),
    and the trainer's loss.png / heads.png / metrics.jsonl in the same folder; a table with the
    issue's targets marked pass / FAIL.
@@ -449,8 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"low: LQ {m['psnr_lq_low']:.2f} HQ head {m['psnr_hq_head_low']:.2f} dB, high: LQ {m['psnr_lq_high']:.2f} "
           f"HQ head {m['psnr_hq_head_high']:.2f} dB")
     if fit is not None:
-        # The same figures on samples it trained on: far above the held-out ones, it does not generalise;
-        # as low, it does not fit (the data or the model); by photo, which source it cannot fit.
+        # The same figures on samples it trained on: far nearer their baselines than held out, it does not
+        # generalise; no nearer, it does not fit (the data or the model); by photo, which source it cannot fit.
         print(f"training samples (every {args.train_every}, {fit['samples_hmb']} HMB, {fit['samples_empty']} "
               f"without; the fit, not a target): mask IoU {fit['iou']:.3f} | all-ones {fit['iou_ones']:.3f} | person "
               f"{fit['iou_person']:.3f} | positive rate without HMB {100 * fit['pos_rate_empty']:.1f}% | "
