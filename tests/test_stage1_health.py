@@ -291,7 +291,8 @@ def test_benchmark_evaluation_separates_ranking_from_threshold(tmp_path: Path) -
     with wds.TarWriter(str(tmp_path / "held" / "h-r000-000000.tar"), encoder=False, mtime=0) as tar:
         samples = ((mask, "head", "a"), (mask, "whole_body", "a"), (np.zeros_like(mask), None, "flat"))
         for i, (m, group, photo) in enumerate(samples):
-            img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) if photo == "a" else np.full((64, 64, 3), 90, np.uint8)
+            noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            img = noise if photo == "a" else np.full_like(noise, 90)
             meta = {"hmb": group and {"group": group}, "source": {"path": f"/photos/{photo}.png"}}
             tar.write(encode_sample(f"h{i:03d}", img, img, m, parts, meta))
     metrics, grid = evaluate(_BoxAt(box, 0.3), tmp_path / "held")

@@ -19,7 +19,8 @@ DPG is for on a photo it never saw? (issue #12)
      IoU over thresholds (a diagnostic: below the baselines, the ranking is the limit, not the 0.5);
    - PSNR of the HQ head and of LQ - residual head, each against the LQ's own PSNR;
    - the same on every `--train-every`-th training sample (the fit: if it is no nearer its
-     baselines there than held out, the head does not fit, rather than not generalise), and by photo with each photo's detail (`detail`).
+     baselines there than held out, the head does not fit, rather than not generalise), and by
+     photo with each photo's detail (`detail`).
    Output: report.json, heldout.png (HQ | LQ | HQ head | LQ - residual | true mask | p | person),
    and the trainer's loss.png / heads.png / metrics.jsonl in the same folder; a table with the
    issue's targets marked pass / FAIL.
@@ -258,7 +259,7 @@ def evaluate(model: torch.nn.Module, shards: Path, every: int = 1) -> tuple[dict
             out[f"{name}_{kind}"] = float(np.mean(values)) if values else float("nan")
 
     def mean_of(name: str, photo: str, of: list[str]) -> float:
-        values = [v for v, p in zip(per[name], of) if p == photo]
+        values = [v for v, source in zip(per[name], of) if source == photo]
         return float(np.mean(values)) if values else float("nan")
 
     out["by_photo"] = {photo: {"samples_hmb": photos_hmb.count(photo), "iou": mean_of("iou", photo, photos_hmb),
