@@ -24,8 +24,12 @@ from haodiff_data.shards.schema import encode_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# float round-off only: a changed term, weight, seed or data order moves these by far more
-REL = 2e-5
+# Float round-off only, on any CPU: a changed term, weight, seed or data order moves the losses by far
+# more. Measured on a second machine against the recording: losses within 5.0e-5 (stage-2 val/mse),
+# the stage-2 gradient norm 8.1e-5 off at step 3 and 2.1e-3 at step 4 (Adam turns round-off in
+# near-zero gradients into whole steps, and the global norm shows it first).
+REL = 3e-4
+GRAD_NORM_REL = 1e-2
 
 DPG_ARCH = {
     "img_size": 64, "patch_size": 1, "in_chans": 3, "embed_dim": 12, "depths": [2, 2, 1, 1],
@@ -251,7 +255,8 @@ def _assert_trace(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want):
         assert g["step"] == w["step"]
         for k in w:
-            assert g[k] == pytest.approx(w[k], rel=REL, abs=1e-7), (g["step"], k, g[k], w[k])
+            rel = GRAD_NORM_REL if k.endswith("grad_norm") else REL
+            assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-7), (g["step"], k, g[k], w[k])
 
 
 def test_golden_loss_trace(tmp_path: Path) -> None:
