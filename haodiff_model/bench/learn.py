@@ -460,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"AUROC in person {fit['auroc_in_person']:.3f}")
     print("by photo: mask IoU vs person on HMB samples | positive rate without HMB | detail (HQ high-band RMS "
           "in the person, grey levels)")
-    for role, figures in (("held out", metrics), ("trained on", fit or {"by_photo": {}})):
+    scored = [("held out", metrics)] + ([("trained on", fit)] if fit is not None else [])
+    for role, figures in scored:
         for photo, f in figures["by_photo"].items():
             empty = f"{100 * f['pos_rate_empty']:.1f}%" if f["samples_empty"] else "-"
             print(f"  {photo} ({role}): {f['iou']:.3f} vs {f['iou_person']:.3f} ({f['samples_hmb']}) | "
