@@ -27,6 +27,8 @@ DPG is for on a photo it never saw? (issue #12)
 4. `--probe-steps N`: a plain full-resolution CNN trained on the mask alone, the same data, N steps;
    its AUROC inside the person says whether the data lets any model see the HMB (the recipe's
    limit) or only this one fails (the model's or objective's limit).
+
+Every run made so far and what it showed: bench/learn.md.
 """
 
 from __future__ import annotations
