@@ -354,6 +354,41 @@ def mask_probe(train_dir: Path, heldout_dir: Path, steps: int, seed: int = 0, cr
 # ----------------------------------------------------------------------------- the run
 
 
+def print_report(m: dict[str, Any], fit: dict[str, Any] | None, every: int, probe_steps: int) -> None:
+    """The figures of `evaluate` on the held-out samples (`m`) and on the training samples (`fit`)."""
+    print(f"held out ({m['samples_hmb']} HMB, {m['samples_empty']} without): "
+          f"mask IoU {m['iou']:.3f} Dice {m['dice']:.3f} | all-ones IoU {m['iou_ones']:.3f} Dice {m['dice_ones']:.3f} "
+          f"| person IoU {m['iou_person']:.3f} Dice {m['dice_person']:.3f} | all-zeros 0 | "
+          f"positive rate HMB {100 * m['pos_rate_hmb']:.1f}% without {100 * m['pos_rate_empty']:.1f}% | "
+          f"AUROC in person {m['auroc_in_person']:.3f} | best IoU {m.get('iou_best', float('nan')):.3f} at "
+          f"p > {m.get('iou_best_threshold', float('nan')):.2f}")
+    print("mask IoU by what moves: " + ", ".join(
+        f"{kind.replace('_', ' ')} ({m[f'samples_hmb_{kind}']}) {m[f'iou_{kind}']:.3f} vs person {m[f'iou_person_{kind}']:.3f}"
+        for kind in HMB_KINDS))
+    print(f"PSNR: LQ {m['psnr_lq']:.2f} dB, HQ head {m['psnr_hq_head']:.2f} dB, "
+          f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB; by band (Gaussian sigma {LOW_BAND_SIGMA:g} px), "
+          f"low: LQ {m['psnr_lq_low']:.2f} HQ head {m['psnr_hq_head_low']:.2f} dB, high: LQ {m['psnr_lq_high']:.2f} "
+          f"HQ head {m['psnr_hq_head_high']:.2f} dB")
+    if fit is not None:
+        # The same figures on samples it trained on: far nearer their baselines than held out, it does not
+        # generalise; no nearer, it does not fit (the data or the model); by photo, which source it cannot fit.
+        print(f"training samples (every {every}, {fit['samples_hmb']} HMB, {fit['samples_empty']} "
+              f"without; the fit, not a target): mask IoU {fit['iou']:.3f} | all-ones {fit['iou_ones']:.3f} | person "
+              f"{fit['iou_person']:.3f} | positive rate without HMB {100 * fit['pos_rate_empty']:.1f}% | "
+              f"AUROC in person {fit['auroc_in_person']:.3f}")
+    print("by photo: mask IoU vs person on HMB samples | positive rate without HMB | detail (HQ high-band RMS "
+          "in the person, grey levels)")
+    scored = [("held out", m)] + ([("trained on", fit)] if fit is not None else [])
+    for role, figures in scored:
+        for photo, f in figures["by_photo"].items():
+            empty = f"{100 * f['pos_rate_empty']:.1f}%" if f["samples_empty"] else "-"
+            print(f"  {photo} ({role}): {f['iou']:.3f} vs {f['iou_person']:.3f} ({f['samples_hmb']}) | "
+                  f"{empty} ({f['samples_empty']}) | detail {f['detail']:.1f}")
+    if probe_steps:
+        print(f"mask probe (plain CNN, mask only, {probe_steps} steps): AUROC inside the person "
+              f"{m['probe_auroc_train']:.3f} on training samples, {m['probe_auroc_heldout']:.3f} held out")
+
+
 def run_config(args: argparse.Namespace, train_dir: Path, heldout_dir: Path, out: Path) -> TrainDPGConfig:
     overrides = [
         *SMALL_MODEL, f"dpg.img_size={args.crop}",
@@ -439,38 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics.update(mask_probe(train_dir, heldout_dir, args.probe_steps, args.seed))
         report["metrics"], report["probe_s"] = metrics, time.perf_counter() - start
         (out / "report.json").write_text(json.dumps(report, indent=1))
-    m = metrics
-    print(f"held out ({m['samples_hmb']} HMB, {m['samples_empty']} without): "
-          f"mask IoU {m['iou']:.3f} Dice {m['dice']:.3f} | all-ones IoU {m['iou_ones']:.3f} Dice {m['dice_ones']:.3f} "
-          f"| person IoU {m['iou_person']:.3f} Dice {m['dice_person']:.3f} | all-zeros 0 | "
-          f"positive rate HMB {100 * m['pos_rate_hmb']:.1f}% without {100 * m['pos_rate_empty']:.1f}% | "
-          f"AUROC in person {m['auroc_in_person']:.3f} | best IoU {m.get('iou_best', float('nan')):.3f} at "
-          f"p > {m.get('iou_best_threshold', float('nan')):.2f}")
-    print("mask IoU by what moves: " + ", ".join(
-        f"{kind.replace('_', ' ')} ({m[f'samples_hmb_{kind}']}) {m[f'iou_{kind}']:.3f} vs person {m[f'iou_person_{kind}']:.3f}"
-        for kind in HMB_KINDS))
-    print(f"PSNR: LQ {m['psnr_lq']:.2f} dB, HQ head {m['psnr_hq_head']:.2f} dB, "
-          f"LQ - residual head {m['psnr_lq_minus_res']:.2f} dB; by band (Gaussian sigma {LOW_BAND_SIGMA:g} px), "
-          f"low: LQ {m['psnr_lq_low']:.2f} HQ head {m['psnr_hq_head_low']:.2f} dB, high: LQ {m['psnr_lq_high']:.2f} "
-          f"HQ head {m['psnr_hq_head_high']:.2f} dB")
-    if fit is not None:
-        # The same figures on samples it trained on: far nearer their baselines than held out, it does not
-        # generalise; no nearer, it does not fit (the data or the model); by photo, which source it cannot fit.
-        print(f"training samples (every {args.train_every}, {fit['samples_hmb']} HMB, {fit['samples_empty']} "
-              f"without; the fit, not a target): mask IoU {fit['iou']:.3f} | all-ones {fit['iou_ones']:.3f} | person "
-              f"{fit['iou_person']:.3f} | positive rate without HMB {100 * fit['pos_rate_empty']:.1f}% | "
-              f"AUROC in person {fit['auroc_in_person']:.3f}")
-    print("by photo: mask IoU vs person on HMB samples | positive rate without HMB | detail (HQ high-band RMS "
-          "in the person, grey levels)")
-    scored = [("held out", metrics)] + ([("trained on", fit)] if fit is not None else [])
-    for role, figures in scored:
-        for photo, f in figures["by_photo"].items():
-            empty = f"{100 * f['pos_rate_empty']:.1f}%" if f["samples_empty"] else "-"
-            print(f"  {photo} ({role}): {f['iou']:.3f} vs {f['iou_person']:.3f} ({f['samples_hmb']}) | "
-                  f"{empty} ({f['samples_empty']}) | detail {f['detail']:.1f}")
-    if args.probe_steps:
-        print(f"mask probe (plain CNN, mask only, {args.probe_steps} steps): AUROC inside the person "
-              f"{m['probe_auroc_train']:.3f} on training samples, {m['probe_auroc_heldout']:.3f} held out")
+    print_report(metrics, fit, args.train_every, args.probe_steps)
     for what, ok in checks:
         print(f"  [{'pass' if ok else 'FAIL'}] {what}")
     print(f"{sum(ok for _, ok in checks)}/{len(checks)} targets met; {out}/(report.json heldout.png loss.png "
