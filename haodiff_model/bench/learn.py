@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import yaml
@@ -152,8 +153,6 @@ def psnr(x: np.ndarray, ref: np.ndarray) -> float:
 def band_psnr(x: np.ndarray, ref: np.ndarray, sigma: float = LOW_BAND_SIGMA) -> tuple[float, float]:
     """PSNR of the low band (Gaussian blur, `sigma` px) and of the high band (the rest) of x against
     ref: tells an error in colour and tone (low) from one in detail and noise (high)."""
-    import cv2
-
     x, ref = x.astype(np.float64), ref.astype(np.float64)
     x_low, ref_low = (cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for a in (x, ref))
     return psnr(x_low, ref_low), psnr(x - x_low, ref - ref_low)
@@ -184,8 +183,6 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def detail(hq: np.ndarray, where: np.ndarray) -> float:
     """RMS of the HQ's grey high band (above a Gaussian of sigma 1 px) over `where`: how much fine
     detail the source has for HMB to remove. A soft photo (little detail) looks blurred without HMB."""
-    import cv2
-
     grey = cv2.cvtColor(hq, cv2.COLOR_RGB2GRAY).astype(np.float64)
     high = grey - cv2.GaussianBlur(grey, (0, 0), 1.0, borderType=cv2.BORDER_REFLECT)
     return float(np.sqrt(np.mean(high[where] ** 2))) if where.any() else float("nan")
@@ -274,8 +271,6 @@ def evaluate(model: torch.nn.Module, shards: Path, every: int = 1) -> tuple[dict
 
 
 def _small(img: np.ndarray) -> np.ndarray:
-    import cv2
-
     return cv2.resize(img, (GRID_SIDE, GRID_SIDE), interpolation=cv2.INTER_AREA)
 
 
